@@ -1,0 +1,100 @@
+"""gin plumbing shared by the binaries: the repo's gin/ directory, --gin flags, and model presets by name."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import gin
+
+from dss_jax.model import T5Config
+
+GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+
+def _search_paths() -> list[str]:
+    extra = [p for p in os.environ.get("DSS_GIN_SEARCH_PATHS", "").split(os.pathsep) if p]
+    return [str(GIN_DIR), *extra]
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in (GIN_DIR / "models").glob("*.gin"))
+
+
+def model_gin_file(name: str) -> Path:
+    """``gin/models/<name>.gin``; an unknown name fails listing the sizes that exist."""
+    path = GIN_DIR / "models" / f"{name}.gin"
+    if not path.exists():
+        raise ValueError(f"unknown model size {name!r}; known sizes (gin/models/*.gin): {', '.join(model_names())}")
+    return path
+
+
+def split_gin_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Pulls ``--gin_file=F`` and ``--gin.NAME=VALUE`` (T5X's flag style) out of argv.
+
+    Returns (gin files, gin bindings, the remaining argv).
+    """
+    files, bindings, rest = [], [], []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--gin_file"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if value is None:
+                raise SystemExit("--gin_file needs a value")
+            files.append(value)
+        elif arg.startswith("--gin."):
+            body = arg[len("--gin.") :]
+            if "=" not in body:
+                raise SystemExit(f"{arg}: expected --gin.NAME=VALUE")
+            name, value = body.split("=", 1)
+            bindings.append(f"{name} = {value}")
+        elif arg == "--gin_bindings" or arg.startswith("--gin_bindings="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if value is None:
+                raise SystemExit("--gin_bindings needs a value")
+            bindings.append(value)
+        else:
+            rest.append(arg)
+    return files, bindings, rest
+
+
+def parse_gin(files: list[str], bindings: list[str], finalize: bool = True) -> None:
+    """Parses gin files (looked up in the working dir, then gin/) and bindings, with errors naming them."""
+    for p in _search_paths():
+        gin.add_config_file_search_path(p)
+    resolved = []
+    for f in files:
+        if os.path.exists(f):
+            resolved.append(f)
+            continue
+        for p in _search_paths():
+            if os.path.exists(os.path.join(p, f)):
+                resolved.append(os.path.join(p, f))
+                break
+        else:
+            raise SystemExit(f"gin file {f!r} not found (looked in . and {', '.join(_search_paths())})")
+    try:
+        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=finalize)
+    except Exception as e:  # gin raises several types; the message names the file/line or binding
+        print(f"error in gin config: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+def model_config(name: str, **overrides: object) -> T5Config:
+    """The T5Config a ``gin/models/<name>.gin`` file describes.
+
+    Parses the file on its own (this clears and restores no other gin state: call it before, not after, a
+    binary parses its own gin config).
+    """
+    path = model_gin_file(name)
+    for p in _search_paths():
+        gin.add_config_file_search_path(p)
+    with gin.unlock_config():
+        gin.clear_config()
+        gin.parse_config_file(str(path))
+        from dss_jax import model as model_lib
+
+        bindings = gin.get_bindings(model_lib.T5Config)
+        gin.clear_config()
+    return T5Config(**{**bindings, **overrides})

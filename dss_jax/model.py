@@ -1,0 +1,529 @@
+"""The T5 encoder-decoder in flax.linen (T5 v1.0, v1.1 and Flan-T5).
+
+The parameter tree is T5X's own (``token_embedder/embedding``, ``encoder/layers_0/attention/query/kernel``,
+``decoder/logits_dense/kernel`` ...), with 2-D ``joined_kv`` attention kernels, so that T5X checkpoints load
+as they are and Hugging Face checkpoints map onto it 1:1 (``dss_jax.convert``). Every parameter and the
+major activations carry logical axis names; ``dss_jax.partitioning`` maps them onto a device mesh.
+
+This module imports neither TensorFlow nor seqio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+
+FEED_FORWARD_PROJS = ("relu", "gated-gelu")
+REMAT_POLICIES = ("none", "full", "minimal")
+NEG_INF = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Architecture and numerics of a T5 model; field names follow Hugging Face's ``T5Config``."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_heads: int = 6
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.feed_forward_proj not in FEED_FORWARD_PROJS:
+            raise ValueError(
+                f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj == "gated-gelu"
+
+    def replace(self, **changes: Any) -> T5Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> T5Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown T5Config fields {unknown}; known fields: {sorted(names)}")
+        return cls(**d)
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def relative_position_bucket(
+    relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Array:
+    """T5's bucketing of ``key_pos - query_pos``: exact for small distances, logarithmic up to max_distance."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(relative_position)
+    else:
+        n = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    n_float = jnp.maximum(n, 1).astype(jnp.float32)
+    large = max_exact + (
+        jnp.log(n_float / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, n, large)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """A bias-free dense layer with a named, logically partitioned kernel."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    init_scale: float = 1.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        return jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class RelativePositionBias(nn.Module):
+    """Bucketed relative position bias, one table per stack shared by all its layers (as in T5)."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, q_positions: Array, k_positions: Array) -> Array:
+        """Returns the bias [1 or batch, heads, q_len, k_len] for the given absolute positions."""
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets),
+            self.param_dtype,
+        )
+        rel = k_positions[..., None, :] - q_positions[..., :, None]
+        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)  # [heads, (b,) q, k]
+        if bias.ndim == 3:
+            return bias[None]
+        return jnp.moveaxis(bias, 0, 1)
+
+
+class Attention(nn.Module):
+    """Multi-head dot-product attention without 1/sqrt(d) scaling (T5 folds it into the query init).
+
+    With ``decode=True`` the keys and values of earlier steps live in the ``cache`` collection: the first
+    call (at init) only creates the cache, later calls take one token and append to it.
+    """
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array,
+        bias: Array,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        cfg = self.config
+        dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        inner = cfg.num_heads * cfg.d_kv
+        dense = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
+        q = dense(inner, ("embed", "joined_kv"), init_scale=1.0 / cfg.d_kv, name="query")(inputs_q)
+        k = dense(inner, ("embed", "joined_kv"), name="key")(inputs_kv)
+        v = dense(inner, ("embed", "joined_kv"), name="value")(inputs_kv)
+
+        def split(x: Array) -> Array:
+            x = x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv))
+            return nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+
+        q, k, v = split(q), split(k), split(v)
+
+        if decode:
+            is_initialized = self.has_variable("cache", "cached_key")
+            cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+            cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+            cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+            if is_initialized:
+                if q.shape[1] != 1:
+                    raise ValueError(f"decode step expects one token per row, got length {q.shape[1]}")
+                i = cache_index.value
+                zero = jnp.array(0, dtype=jnp.int32)
+                k = jax.lax.dynamic_update_slice(cached_key.value, k, (zero, i, zero, zero))
+                v = jax.lax.dynamic_update_slice(cached_value.value, v, (zero, i, zero, zero))
+                cached_key.value, cached_value.value = k, v
+                cache_index.value = i + 1
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores + bias.astype(jnp.float32)
+        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        if not deterministic and cfg.dropout_rate > 0:
+            weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=False)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        out = out.reshape(out.shape[:2] + (inner,))
+        return dense(cfg.d_model, ("joined_kv", "embed"), name="out")(out)
+
+
+class MLP(nn.Module):
+    """T5's feed-forward block: ReLU (v1.0) or gated GELU (v1.1, Flan-T5)."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg = self.config
+        dense = functools.partial(Dense, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
+        if cfg.gated:
+            h = jax.nn.gelu(dense(cfg.d_ff, ("embed", "mlp"), name="wi_0")(x), approximate=True)
+            h = h * dense(cfg.d_ff, ("embed", "mlp"), name="wi_1")(x)
+        else:
+            h = jax.nn.relu(dense(cfg.d_ff, ("embed", "mlp"), name="wi")(x))
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return dense(cfg.d_model, ("mlp", "embed"), name="wo")(h)
+
+
+def _constrain(x: Array) -> Array:
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
+        cfg, deterministic = self.config, self.deterministic
+        norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
+        drop = nn.Dropout(cfg.dropout_rate)
+        h = norm(name="pre_attention_layer_norm")(x)
+        h = Attention(cfg, name="attention")(h, h, bias, deterministic)
+        x = _constrain(x + drop(h, deterministic=deterministic))
+        h = norm(name="pre_mlp_layer_norm")(x)
+        h = MLP(cfg, name="mlp")(h, deterministic)
+        x = _constrain(x + drop(h, deterministic=deterministic))
+        return x, None
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array) -> tuple[Array, None]:
+        cfg, deterministic, decode = self.config, self.deterministic, self.decode
+        norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
+        drop = nn.Dropout(cfg.dropout_rate)
+        h = norm(name="pre_self_attention_layer_norm")(x)
+        h = Attention(cfg, name="self_attention")(h, h, self_bias, deterministic, decode)
+        x = _constrain(x + drop(h, deterministic=deterministic))
+        h = norm(name="pre_cross_attention_layer_norm")(x)
+        h = Attention(cfg, name="encoder_decoder_attention")(h, encoded, cross_bias, deterministic)
+        x = _constrain(x + drop(h, deterministic=deterministic))
+        h = norm(name="pre_mlp_layer_norm")(x)
+        h = MLP(cfg, name="mlp")(h, deterministic)
+        x = _constrain(x + drop(h, deterministic=deterministic))
+        return x, None
+
+
+def _remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+    if policy == "none":
+        return layer_cls
+    jax_policy = None if policy == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return nn.remat(layer_cls, policy=jax_policy, prevent_cse=True)
+
+
+def _stack(
+    layer_cls: type[nn.Module], cfg: T5Config, num_layers: int, carry: Array, args: tuple, **flags: bool
+) -> Array:
+    """Runs ``num_layers`` layers, as ``layers_<i>`` modules or (scan_layers) one scanned ``layers`` module.
+
+    ``flags`` (deterministic, decode) are module attributes, so remat and scan see only arrays.
+    """
+    layer_cls = _remat(layer_cls, cfg.remat_policy)
+    if cfg.scan_layers:
+        scanned = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        carry, _ = scanned(cfg, **flags, name="layers")(carry, *args)
+        return carry
+    for i in range(num_layers):
+        carry, _ = layer_cls(cfg, **flags, name=f"layers_{i}")(carry, *args)
+    return carry
+
+
+def _mask_bias(mask: Array) -> Array:
+    """[batch, q, k] boolean mask -> additive bias [batch, 1, q, k]."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
+def _segments(tokens: Array, segment_ids: Array | None) -> Array:
+    return (tokens != 0).astype(jnp.int32) if segment_ids is None else segment_ids
+
+
+class Encoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Array | None = None, deterministic: bool = True) -> Array:
+        cfg = self.config
+        seg = _segments(tokens, segment_ids)
+        length = tokens.shape[1]
+        pos = jnp.arange(length, dtype=jnp.int32)
+        relpos = RelativePositionBias(
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+            cfg.num_heads,
+            bidirectional=True,
+            param_dtype=_dtype(cfg.param_dtype),
+            name="relpos_bias",
+        )(pos, pos)
+        mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+        bias = relpos + _mask_bias(mask)
+        x = self.embedder(tokens).astype(_dtype(cfg.dtype))
+        x = _constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
+        x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, x, (bias,), deterministic=deterministic)
+        x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype), name="encoder_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        encoded: Array,
+        encoder_segment_ids: Array,
+        decoder_input_tokens: Array,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        """Returns logits [batch, length, vocab] in float32.
+
+        In decode mode ``decoder_input_tokens`` is one token per row and ``decoder_positions`` [batch, 1]
+        its position; keys cover the whole cache of ``max_decode_length`` positions.
+        """
+        cfg = self.config
+        batch, length = decoder_input_tokens.shape
+        relpos = RelativePositionBias(
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+            cfg.num_heads,
+            bidirectional=False,
+            param_dtype=_dtype(cfg.param_dtype),
+            name="relpos_bias",
+        )
+        if decode and self.has_variable("cache", "decode_marker"):
+            assert max_decode_length is not None and decoder_positions is not None
+            k_pos = jnp.arange(max_decode_length, dtype=jnp.int32)
+            self_bias = relpos(decoder_positions, k_pos)  # [b, h, 1, max_len]
+            causal = k_pos[None, None, :] <= decoder_positions[:, :, None]
+            self_bias = self_bias + _mask_bias(causal)
+            dec_seg = jnp.ones((batch, 1), jnp.int32)
+        else:
+            if decode:
+                self.variable("cache", "decode_marker", lambda: jnp.zeros((), jnp.int32))
+            pos = jnp.arange(length, dtype=jnp.int32)
+            self_bias = relpos(pos, pos)
+            mask = jnp.tril(jnp.ones((length, length), bool))[None]
+            if decoder_segment_ids is not None:
+                mask = mask & (decoder_segment_ids[:, :, None] == decoder_segment_ids[:, None, :])
+            self_bias = self_bias + _mask_bias(jnp.broadcast_to(mask, (batch, length, length)))
+            dec_seg = decoder_segment_ids if decoder_segment_ids is not None else jnp.ones((batch, length), jnp.int32)
+        if decoder_segment_ids is not None:
+            cross_mask = decoder_segment_ids[:, :, None] == encoder_segment_ids[:, None, :]
+        else:
+            cross_mask = (dec_seg[:, :, None] > 0) & (encoder_segment_ids[:, None, :] > 0)
+        cross_bias = _mask_bias(cross_mask)
+
+        x = self.embedder(decoder_input_tokens).astype(_dtype(cfg.dtype))
+        x = _constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
+        x = _stack(
+            DecoderLayer,
+            cfg,
+            cfg.num_decoder_layers,
+            x,
+            (encoded, self_bias, cross_bias),
+            deterministic=deterministic,
+            decode=decode,
+        )
+        x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype), name="decoder_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        if cfg.tie_word_embeddings:
+            logits = self.embedder.attend(x * (cfg.d_model**-0.5))
+        else:
+            logits = Dense(
+                cfg.vocab_size, ("embed", "vocab"), dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+                name="logits_dense",
+            )(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32)
+
+
+class Embed(nn.Module):
+    """Token embedding shared by encoder, decoder and (v1.0) the output head."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens: Array) -> Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class T5(nn.Module):
+    """T5 encoder-decoder. ``__call__`` is teacher-forced; ``encode``/``decode`` serve autoregressive decoding."""
+
+    config: T5Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
+        self.encoder = Encoder(cfg, self.token_embedder)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None, deterministic: bool = True) -> Array:
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic)
+
+    def decode(
+        self,
+        encoded: Array,
+        encoder_segment_ids: Array,
+        decoder_input_tokens: Array,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        return self.decoder(
+            encoded,
+            encoder_segment_ids,
+            decoder_input_tokens,
+            decoder_segment_ids,
+            decoder_positions,
+            deterministic,
+            decode,
+            max_decode_length,
+        )
+
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Teacher-forced logits [batch, target_length, vocab] (float32)."""
+        enc_seg = _segments(encoder_input_tokens, encoder_segment_ids)
+        encoded = self.encode(encoder_input_tokens, enc_seg, deterministic)
+        return self.decode(encoded, enc_seg, decoder_input_tokens, decoder_segment_ids, None, deterministic)
+
+
+def shift_right(targets: np.ndarray | Array, start_id: int = 0) -> Array:
+    """Decoder inputs from targets: start token, then targets without their last token."""
+    targets = jnp.asarray(targets)
+    return jnp.concatenate([jnp.full_like(targets[:, :1], start_id), targets[:, :-1]], axis=1)
+
+
+def init_params(config: T5Config, rng: Array, batch: int = 1, enc_len: int = 8, dec_len: int = 8) -> dict:
+    """Initialises unboxed parameters (for tests and from-scratch training without a mesh)."""
+    model = T5(config)
+    variables = model.init(
+        rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32)
+    )
+    return nn.meta.unbox(variables["params"])
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,50 @@
+"""dss_jax: distilling step-by-step (Hsieh et al., 2023) on JAX/Flax, TPU-native."""
+
+from setuptools import setup
+
+# Versions checked together on Python 3.11 (see README). The core (model, partitioning, trainer, decoding)
+# needs only the first block; TensorFlow and seqio belong to the data layer.
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",
+    "safetensors==0.8.0",
+    "gin-config==0.5.0",
+    "numpy>=2.0,<3",
+    "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+]
+DATA = [
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece==0.2.3",
+    "importlib_resources==7.1.0",  # tensorflow-datasets imports it without declaring it
+]
+
+setup(
+    name="dss_jax",
+    version="0.1.0",
+    description="Distilling step-by-step: train small T5 students on LLM rationales with JAX/Flax",
+    python_requires=">=3.10",
+    packages=["dss_jax", "dss_jax.tasks"],
+    package_dir={"dss_jax": "dss_jax", "dss_jax.tasks": "tasks"},
+    install_requires=CORE + DATA,
+    extras_require={
+        # torch==2.13.0 is the CPU build on this project's machines; a bare `torch` pulls a CUDA build.
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "torch==2.13.0", "transformers==5.23.0"],
+        "tpu": ["jax[tpu]==0.10.2"],
+        "gpu": ["jax[cuda12]==0.10.2"],
+        "plot": ["matplotlib>=3.8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dss-convert=dss_jax.convert:main",
+            "dss-vocab=dss_jax.tasks.vocab:main",
+        ]
+    },
+)

@@ -1,0 +1,227 @@
+"""Readers for the paper's released data and for users' own JSON Lines, in plain Python (no TensorFlow).
+
+Every reader yields :class:`Example` rows with the model's input text already formatted as the paper does,
+the human label, and (where the teacher's completions exist) the parsed rationale and teacher label.
+Malformed input fails naming the file and line; parse failures are counted, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from dss_jax.tasks.parsers import NLI_LABELS, PARSERS
+
+BENCHMARKS = ("cqa", "svamp", "esnli", "anli1")
+# Teacher completions per LLM batch file, per benchmark (the released data's batching).
+LLM_BATCH_SIZE = {"cqa": 1000, "svamp": 500, "esnli": 5500, "anli1": 5000}
+# Released split names on disk; CQA and SVAMP have no validation split: it is carved from train.
+DISK_SPLITS = {
+    "cqa": {"train": "train", "test": "test"},
+    "svamp": {"train": "train", "test": "test"},
+    "esnli": {"train": "train", "validation": "valid", "test": "test"},
+    "anli1": {"train": "train", "validation": "valid", "test": "test"},
+}
+CARVE_FRACTION = 0.1
+CARVE_SEED = 0
+
+
+class DataFormatError(ValueError):
+    """Malformed data: the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One input with all its possible targets."""
+
+    idx: int  # line number (0-based) in the source file
+    input: str  # formatted model input, without task prefix
+    input_b: str  # second segment (NLI hypothesis), joined to ``input`` by the EOS token; "" if none
+    label: str  # human label text
+    rationale: str = ""  # teacher rationale ("" when absent or unparsed)
+    llm_label: str = ""  # teacher label ("" when absent or unparsed)
+    has_teacher: bool = False
+    parse_ok: bool = True
+
+
+def default_data_dir() -> Path:
+    """``$DSS_DATA_DIR``, else ``../shared/data/dss`` beside the repo when it exists."""
+    env = os.environ.get("DSS_DATA_DIR")
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dss"
+    if beside.exists():
+        return beside
+    raise FileNotFoundError(
+        "no data dir: set DSS_DATA_DIR to the unzipped datasets of google-research/distilling-step-by-step"
+    )
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataFormatError(f"{path}:{lineno}: missing field(s) {missing}; has {sorted(row)}")
+            rows.append(row)
+    return rows
+
+
+def read_completions(llm_dir: Path, split: str, n_gold: int, batch_size: int, gold_file: Path) -> list[str] | None:
+    """Teacher completions aligned with the gold lines, or None when the split has none on disk.
+
+    Batch ``i`` (``<split>_CoT_<i>.json``) covers gold lines ``i*B .. (i+1)*B-1``. A missing batch, a batch of
+    the wrong size, or a count that differs from the gold lines is an error naming the files.
+    """
+    files = sorted(llm_dir.glob(f"{split}_CoT_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not files:
+        return None
+    out: list[str] = []
+    for i, f in enumerate(files):
+        if f.name != f"{split}_CoT_{i}.json":
+            raise DataFormatError(f"{llm_dir}: teacher batch {split}_CoT_{i}.json is missing (found {f.name})")
+        try:
+            batch = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{f}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(batch, list) or not all(isinstance(c, str) for c in batch):
+            raise DataFormatError(f"{f}: expected a JSON array of strings")
+        expected = min(batch_size, n_gold - i * batch_size)
+        if len(batch) != expected:
+            raise DataFormatError(
+                f"{f}: {len(batch)} completions, but {gold_file} has {n_gold} lines, so batch {i} should hold {expected}"
+            )
+        out.extend(batch)
+    if len(out) != n_gold:
+        raise DataFormatError(f"{llm_dir}/{split}_CoT_*.json: {len(out)} completions for {n_gold} lines of {gold_file}")
+    return out
+
+
+def _format_cqa(row: dict) -> tuple[str, str, str]:
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) != 5:
+        raise ValueError(f"choices must be a list of 5, got {choices!r}")
+    lettered = "\n".join(f"({letter}) {c}" for letter, c in zip("abcde", choices))
+    return f"{row['question']}\nAnswer Choices:\n{lettered}", "", str(row["answer"])
+
+
+def _format_svamp(row: dict) -> tuple[str, str, str]:
+    return str(row["input"]), "", str(row["label"])
+
+
+def _format_nli(row: dict) -> tuple[str, str, str]:
+    label = row["label"]
+    if label not in (0, 1, 2):
+        raise ValueError(f"label must be 0, 1 or 2, got {label!r}")
+    return str(row["premise"]), str(row["hypothesis"]), NLI_LABELS[label]
+
+
+FORMATS = {
+    "cqa": (_format_cqa, ("question", "choices", "answer")),
+    "svamp": (_format_svamp, ("input", "label")),
+    "esnli": (_format_nli, ("premise", "hypothesis", "label")),
+    "anli1": (_format_nli, ("premise", "hypothesis", "label")),
+}
+
+
+def read_disk_split(data_dir: Path, benchmark: str, disk_split: str) -> list[Example]:
+    """All examples of one released split file (with teacher outputs when present)."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; known: {BENCHMARKS}")
+    gold_file = data_dir / benchmark / f"{benchmark}_{disk_split}.json"
+    if not gold_file.exists():
+        raise FileNotFoundError(f"{gold_file} not found (data dir {data_dir}; set DSS_DATA_DIR)")
+    fmt, required = FORMATS[benchmark]
+    rows = read_jsonl(gold_file, required)
+    completions = read_completions(data_dir / benchmark / "llm", disk_split, len(rows), LLM_BATCH_SIZE[benchmark], gold_file)
+    parse = PARSERS[benchmark]
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            text, text_b, label = fmt(row)
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataFormatError(f"{gold_file}:{i + 1}: {e}") from None
+        if completions is None:
+            out.append(Example(i, text, text_b, label))
+            continue
+        p = parse(completions[i])
+        out.append(Example(i, text, text_b, label, p.rationale, p.label, has_teacher=True, parse_ok=p.ok))
+    return out
+
+
+def carve_validation(n: int, fraction: float = CARVE_FRACTION, seed: int = CARVE_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) as the paper's ``train_test_split(test_size=0.1, seed=0)`` makes them."""
+    n_val = math.ceil(fraction * n)
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[n_val:], perm[:n_val]
+
+
+def available_splits(data_dir: Path, benchmark: str) -> list[str]:
+    disk = DISK_SPLITS[benchmark]
+    present = [s for s, d in disk.items() if (data_dir / benchmark / f"{benchmark}_{d}.json").exists()]
+    if "validation" not in disk and "train" in present:
+        present.insert(1, "validation")
+    return present
+
+
+def read_split(data_dir: Path, benchmark: str, split: str) -> list[Example]:
+    """A benchmark split: train / validation / test (validation carved from train where there is none)."""
+    disk = DISK_SPLITS[benchmark]
+    if split in disk:
+        examples = read_disk_split(data_dir, benchmark, disk[split])
+        if split == "train" and "validation" not in disk:
+            keep, _ = carve_validation(len(examples))
+            return [examples[i] for i in keep]
+        return examples
+    if split == "validation":
+        examples = read_disk_split(data_dir, benchmark, disk["train"])
+        _, val = carve_validation(len(examples))
+        return [examples[i] for i in val]
+    raise ValueError(f"{benchmark} has no split {split!r}; splits: {available_splits(data_dir, benchmark)}")
+
+
+def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Users' own data: JSON Lines with ``input``, ``label`` and optionally ``rationale`` and ``llm_label``."""
+    path = Path(path)
+    rows = read_jsonl(path, ("input", "label"))
+    out = []
+    for i, row in enumerate(rows):
+        for key in ("input", "label", "rationale", "llm_label"):
+            if key in row and not isinstance(row[key], str):
+                raise DataFormatError(f"{path}:{i + 1}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        has_teacher = "rationale" in row or "llm_label" in row
+        out.append(
+            Example(
+                i, row["input"], "", row["label"], row.get("rationale", ""), row.get("llm_label", ""),
+                has_teacher=has_teacher, parse_ok=True,
+            )
+        )
+    return out
+
+
+def training_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a deterministic ``fraction`` of n training examples (same subset for every method)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    k = max(1, round(fraction * n))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+def iter_examples(examples: list[Example]) -> Iterator[dict]:
+    for e in examples:
+        yield dataclasses.asdict(e)

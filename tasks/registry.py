@@ -1,0 +1,368 @@
+"""SeqIO tasks and mixtures for distilling step-by-step, its baselines and ablations.
+
+Per benchmark ``b`` (cqa, svamp, esnli, anli1) or user dataset, with label source ``src`` (gold = human labels,
+llm = teacher labels):
+
+=====================  ===========================================  ==================================
+name                   inputs -> targets                            used by
+=====================  ===========================================  ==================================
+b_label_src            ``predict: x`` -> label                      DSS label task; DSS evaluation (gold)
+b_rationale            ``explain: x`` -> teacher rationale          DSS rationale task
+b_dss_src              both of the above for every input, in the     DSS, the paper's objective (default):
+                       same step (task ids 1 and 2)                 a*mean(label) + (1-a)*mean(rationale)
+b_dss_src_rates        mixture of b_label_src : b_rationale at       DSS, T5X-style rate ablation
+                       rates a : 1-a (gin: ``mixture_rate.a``)      (token-level loss)
+b_finetune             x -> human label (no prefix)                 standard finetuning; baselines' eval
+b_distill              x -> teacher label (no prefix)               standard distillation
+b_single_task_src      x -> "rationale So the answer is label"      the paper's single-task ablation
+=====================  ===========================================  ==================================
+
+Every example carries ``targets_task``: the task id (1 label, 2 rationale) on each target token, which
+packing keeps aligned, so the trainer can take per-task means. The training-data fraction and the policy for
+unparsed teacher completions are gin bindings of :func:`data_options`, read when a dataset is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from dss_jax.tasks import arithmetic, readers, tfds_builder
+
+LABEL_TASK_ID, RATIONALE_TASK_ID = 1, 2
+TASK_IDS = {"label": LABEL_TASK_ID, "rationale": RATIONALE_TASK_ID}
+SINGLE_TASK_SEPARATOR = " So the answer is "
+METHODS = ("dss", "finetune", "distill", "single_task")
+LABEL_SOURCES = ("gold", "llm")
+MIXINGS = ("objective", "rates")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """Which training data: fraction (deterministic by seed, the same subset for every method) and what to do
+    with teacher completions that did not parse ('keep': empty rationale/label; 'drop': leave the input out)."""
+
+    train_fraction: float = 1.0
+    subset_seed: int = 0
+    on_parse_failure: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.on_parse_failure not in ("keep", "drop"):
+            raise ValueError(f"DataOptions.on_parse_failure must be 'keep' or 'drop', got {self.on_parse_failure!r}")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"DataOptions.train_fraction must be in (0, 1], got {self.train_fraction}")
+
+
+@gin.configurable
+def mixture_rate(task: seqio.Task | None = None, a: float = 0.5) -> float:
+    """Rate of a task in a ``*_rates`` mixture: a for the label task, 1 - a for the rationale task."""
+    if not 0 <= a <= 1:
+        raise ValueError(f"mixture_rate.a must be in [0, 1], got {a}")
+    if task is None:
+        return a
+    return a if "_label_" in task.name else 1.0 - a
+
+
+@gin.configurable
+def task_name(benchmark: str = "cqa", method: str = "dss", label_source: str = "gold", mixing: str = "objective") -> str:
+    """The training task or mixture for a method; each argument is one gin override."""
+    _check(method=method, label_source=label_source, mixing=mixing)
+    if method == "dss":
+        return f"{benchmark}_dss_{label_source}" + ("_rates" if mixing == "rates" else "")
+    if method == "single_task":
+        return f"{benchmark}_single_task_{label_source}"
+    return f"{benchmark}_{method}"
+
+
+@gin.configurable
+def eval_task_name(benchmark: str = "cqa", method: str = "dss") -> str:
+    """The task a method is evaluated on: its own input format, always against human labels."""
+    _check(method=method)
+    return {
+        "dss": f"{benchmark}_label_gold",
+        "finetune": f"{benchmark}_finetune",
+        "distill": f"{benchmark}_finetune",
+        "single_task": f"{benchmark}_single_task_gold",
+    }[method]
+
+
+def _check(**kw: str) -> None:
+    allowed = {"method": METHODS, "label_source": LABEL_SOURCES, "mixing": MIXINGS}
+    for k, v in kw.items():
+        if v not in allowed[k]:
+            raise ValueError(f"{k}={v!r}; expected one of {allowed[k]}")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a benchmark's examples come from: the TFDS builder, or a user's JSONL files."""
+
+    name: str
+    benchmark: str | None = None
+    data_dir: Path | None = None
+    user_files: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def splits(self) -> list[str]:
+        if self.benchmark:
+            return readers.available_splits(self.data_dir, self.benchmark)
+        return [s for s, _ in self.user_files]
+
+    def examples(self, split: str) -> list[readers.Example]:
+        """Python-side rows (for subsets, counts and the dss-data report)."""
+        if self.benchmark:
+            return readers.read_split(self.data_dir, self.benchmark, split)
+        files = dict(self.user_files)
+        if split not in files:
+            raise ValueError(f"{self.name} has no split {split!r}; splits: {self.splits}")
+        carve = not files.get("validation")  # "" marks a validation split carved from train
+        if carve and split in ("train", "validation"):
+            examples = readers.read_user_jsonl(files["train"])
+            keep, val = readers.carve_validation(len(examples))
+            return [examples[i] for i in (keep if split == "train" else val)]
+        return readers.read_user_jsonl(files[split])
+
+    def tf_dataset(self, split: str, shuffle_files: bool) -> tf.data.Dataset:
+        if self.benchmark:
+            b = tfds_builder.builder(self.benchmark, self.data_dir)
+            return b.as_dataset(split=split, shuffle_files=shuffle_files)
+        rows = [dataclasses.asdict(e) for e in self.examples(split)]
+        cols = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+        return tf.data.Dataset.from_tensor_slices({k: tf.constant(v) for k, v in cols.items()})
+
+
+def _dataset_fn(
+    source: Source, needs_teacher: bool, shuffle_rows: bool, split: str, shuffle_files: bool, seed: int | None = None
+) -> tf.data.Dataset:
+    """Rows of one split, filtered by teacher availability, parse policy and training fraction.
+
+    ``shuffle_rows`` (the paired DSS task) shuffles inputs here, before each is expanded into its label and
+    rationale examples, so both land in the same step; such tasks are read with ``shuffle=False``.
+    """
+    opts = DataOptions()
+    ds = source.tf_dataset(split, shuffle_files)
+    if needs_teacher:
+        ds = ds.filter(lambda ex: ex["has_teacher"])
+        if opts.on_parse_failure == "drop":
+            ds = ds.filter(lambda ex: ex["parse_ok"])
+    if split == "train" and opts.train_fraction < 1.0:
+        idx = np.array([e.idx for e in source.examples("train")], np.int64)
+        keep = tf.constant(idx[readers.training_subset(len(idx), opts.train_fraction, opts.subset_seed)])
+        ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["idx"], keep)))
+    if shuffle_rows and split == "train":
+        seed = opts.subset_seed if seed is None else seed
+        ds = ds.shuffle(SOURCE_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+
+SOURCE_SHUFFLE_BUFFER = 100_000
+
+
+def shuffles_in_source(name: str) -> bool:
+    """True for the paired DSS tasks (``*_dss_gold``/``*_dss_llm``): read them with shuffle=False."""
+    return name.endswith(("_dss_gold", "_dss_llm"))
+
+
+# ----------------------------------------------------------------------------- preprocessors
+
+
+def _format(kind: str, prefix: str, label_key: str):
+    """Map raw rows to text ``inputs``/``input_b``/``targets`` (+ pretokenized copies for metrics)."""
+
+    def fn(ex: dict) -> dict:
+        if kind == "single_task":
+            targets = tf.strings.join([ex["rationale"], SINGLE_TASK_SEPARATOR, ex[label_key]])
+        elif kind == "rationale":
+            targets = ex["rationale"]
+        else:
+            targets = ex[label_key]
+        inputs = tf.strings.join([prefix, ex["input"]]) if prefix else ex["input"]
+        return {
+            "inputs": inputs,
+            "input_b": ex["input_b"],
+            "targets": targets,
+            "inputs_pretokenized": inputs,
+            "targets_pretokenized": targets,
+            "label_pretokenized": ex["label"],
+            "idx": ex["idx"],
+        }
+
+    return fn
+
+
+def _pairs(ex: dict) -> tf.data.Dataset:
+    """One input -> its label example then its rationale example (the paper's objective)."""
+    label, rationale = ex["label_row"], ex["rationale_row"]
+    return tf.data.Dataset.from_tensors(label).concatenate(tf.data.Dataset.from_tensors(rationale))
+
+
+@seqio.map_over_dataset
+def _tokenize_with_segment_b(ex: dict, output_features: seqio.preprocessors.OutputFeaturesType) -> dict:
+    """Tokenizes inputs and targets; a non-empty ``input_b`` is joined to the inputs by the EOS id (NLI)."""
+    vocab = output_features["inputs"].vocabulary
+    inputs = tf.cast(vocab.encode_tf(ex["inputs"]), tf.int32)
+    b = tf.cast(vocab.encode_tf(ex["input_b"]), tf.int32)
+    eos = tf.constant([vocab.eos_id], tf.int32)
+    inputs = tf.cond(tf.size(b) > 0, lambda: tf.concat([inputs, eos, b], 0), lambda: inputs)
+    out = {k: v for k, v in ex.items() if k not in ("inputs", "targets", "input_b")}
+    out["inputs"] = inputs
+    out["targets"] = tf.cast(output_features["targets"].vocabulary.encode_tf(ex["targets"]), tf.int32)
+    return out
+
+
+def _add_task_ids(task_id: int):
+    @seqio.map_over_dataset
+    def fn(ex: dict) -> dict:
+        tid = ex.pop("task_id", tf.constant(task_id, tf.int32))
+        return {**ex, "targets_task": tf.ones_like(ex["targets"]) * tf.cast(tid, tf.int32)}
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _extract_single_task_label(text: str) -> str:
+    return text.rsplit(SINGLE_TASK_SEPARATOR.strip(), 1)[-1].strip() if text else ""
+
+
+def postprocess_label(output: str | bytes, example: dict | None = None, is_target: bool = False) -> str:
+    """Decoded text -> label text; for single-task outputs, the part after 'So the answer is'."""
+    if isinstance(output, bytes):
+        output = output.decode("utf-8", errors="replace")
+    if is_target and example is not None and "label_pretokenized" in example:
+        label = example["label_pretokenized"]
+        return label.decode("utf-8") if isinstance(label, bytes) else str(label)
+    return _extract_single_task_label(output) if SINGLE_TASK_SEPARATOR.strip() in output else output.strip()
+
+
+def accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:
+    """Exact-match accuracy of label text (in percent, as the paper reports)."""
+    n = max(1, len(targets))
+    return {"accuracy": 100.0 * sum(t.strip() == p.strip() for t, p in zip(targets, predictions)) / n}
+
+
+def equation_accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:
+    """SVAMP: a predicted equation is right when it evaluates (safely) to the target's value."""
+    n = max(1, len(targets))
+    return {"accuracy": 100.0 * sum(arithmetic.equations_equal(p, t) for t, p in zip(targets, predictions)) / n}
+
+
+def metric_fns_for(benchmark: str | None) -> list:
+    return [equation_accuracy] if benchmark == "svamp" else [accuracy]
+
+
+def teacher_accuracy(benchmark: str | None, examples: list[readers.Example]) -> float | None:
+    """Teacher label accuracy against human labels on the examples that have teacher outputs (percent)."""
+    t = [e for e in examples if e.has_teacher]
+    if not t:
+        return None
+    fn = metric_fns_for(benchmark)[0]
+    return fn([e.label for e in t], [e.llm_label for e in t])["accuracy"]
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+    return {
+        "inputs": seqio.Feature(vocabulary, add_eos=True, required=True),
+        "targets": seqio.Feature(vocabulary, add_eos=True, required=True),
+        "targets_task": seqio.Feature(seqio.PassThroughVocabulary(size=3), add_eos=False, required=False),
+    }
+
+
+def _add_task(name: str, source: Source, vocabulary: seqio.Vocabulary, preprocessors: list, needs_teacher: bool) -> None:
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    shuffle_rows = shuffles_in_source(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(
+            functools.partial(_dataset_fn, source, needs_teacher, shuffle_rows), splits=source.splits
+        ),
+        shuffle_buffer_size=None if shuffle_rows else seqio.dataset_providers.SHUFFLE_BUFFER_SIZE,
+        preprocessors=preprocessors,
+        output_features=output_features(vocabulary),
+        postprocess_fn=postprocess_label,
+        metric_fns=metric_fns_for(source.benchmark),
+    )
+
+
+def _tail(task_id: int) -> list:
+    return [_tokenize_with_segment_b, seqio.preprocessors.append_eos_after_trim, _add_task_ids(task_id)]
+
+
+def register_source(source: Source, vocabulary: seqio.Vocabulary) -> list[str]:
+    """Registers every task and mixture of one benchmark or user dataset; returns their names."""
+    b = source.name
+    names = []
+
+    def add(name: str, kind: str, prefix: str, label_key: str, task_id: int, needs_teacher: bool) -> None:
+        pre = [seqio.map_over_dataset(_format(kind, prefix, label_key)), *_tail(task_id)]
+        _add_task(name, source, vocabulary, pre, needs_teacher)
+        names.append(name)
+
+    add(f"{b}_label_gold", "label", "predict: ", "label", LABEL_TASK_ID, False)
+    add(f"{b}_label_llm", "label", "predict: ", "llm_label", LABEL_TASK_ID, True)
+    add(f"{b}_rationale", "rationale", "explain: ", "label", RATIONALE_TASK_ID, True)
+    add(f"{b}_finetune", "label", "", "label", LABEL_TASK_ID, False)
+    add(f"{b}_distill", "label", "", "llm_label", LABEL_TASK_ID, True)
+    for src, key in (("gold", "label"), ("llm", "llm_label")):
+        add(f"{b}_single_task_{src}", "single_task", "", key, LABEL_TASK_ID, True)
+
+        # The paper's objective: both targets of an input side by side (task ids 1, 2).
+        def both(ex: dict, key: str = key) -> dict:
+            label = {**_format("label", "predict: ", key)(ex), "task_id": tf.constant(LABEL_TASK_ID, tf.int32)}
+            rationale = {**_format("rationale", "explain: ", key)(ex), "task_id": tf.constant(RATIONALE_TASK_ID, tf.int32)}
+            return {"label_row": label, "rationale_row": rationale}
+
+        def flat_pairs(ds: tf.data.Dataset, both=both) -> tf.data.Dataset:
+            return ds.map(both).flat_map(_pairs)
+
+        name = f"{b}_dss_{src}"
+        _add_task(name, source, vocabulary, [flat_pairs, *_tail(LABEL_TASK_ID)], needs_teacher=True)
+        names.append(name)
+
+        mix = f"{b}_dss_{src}_rates"
+        if mix in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.remove(mix)
+        seqio.MixtureRegistry.add(mix, [(f"{b}_label_{src}", mixture_rate), (f"{b}_rationale", mixture_rate)])
+        names.append(mix)
+    return names
+
+
+@gin.configurable
+def register_benchmark(benchmark: str, vocabulary: seqio.Vocabulary, data_dir: str | None = None) -> list[str]:
+    """Registers one of the paper's benchmarks (data from ``data_dir`` or $DSS_DATA_DIR)."""
+    if benchmark not in readers.BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; known: {readers.BENCHMARKS} (or use register_user_data)")
+    d = Path(data_dir) if data_dir else readers.default_data_dir()
+    return register_source(Source(benchmark, benchmark=benchmark, data_dir=d), vocabulary)
+
+
+@gin.configurable
+def register_user_data(
+    name: str, vocabulary: seqio.Vocabulary, train_file: str, validation_file: str | None = None, test_file: str | None = None
+) -> list[str]:
+    """Registers a user's JSONL dataset (fields input, label, optional rationale, llm_label) under ``name``."""
+    files = [("train", train_file)]
+    files += [("validation", validation_file)] if validation_file else []
+    files += [("test", test_file)] if test_file else []
+    for _, f in files:
+        if not Path(f).exists():
+            raise FileNotFoundError(f"register_user_data({name!r}): {f} not found")
+    source = Source(name, user_files=tuple(files))
+    if not validation_file:  # carved from train, 10% (seed 0), as for the paper's CQA and SVAMP
+        source = dataclasses.replace(source, user_files=(*source.user_files[:1], ("validation", ""), *source.user_files[1:]))
+    return register_source(source, vocabulary)

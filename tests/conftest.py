@@ -1,0 +1,54 @@
+"""Shared test setup: 8 simulated CPU devices (set before jax is imported) and small T5 factories."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "dss"
+
+
+def hf_t5(gated: bool, enc_layers: int = 2, dec_layers: int = 2, vocab: int = 100, seed: int = 0):
+    """A small random Hugging Face T5 (v1.1-style untied head when gated, v1.0-style tied otherwise)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(
+        vocab_size=vocab,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=enc_layers,
+        num_decoder_layers=dec_layers,
+        num_heads=4,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=not gated,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(cfg).eval()
+    if gated:  # an untied head with its own values, as in real v1.1 checkpoints
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, 32))
+    return model
+
+
+@pytest.fixture
+def hf_dir_factory(tmp_path):
+    """Writes a small HF model directory the way transformers does and returns (path, model)."""
+
+    def make(gated: bool, **kw):
+        model = hf_t5(gated, **kw)
+        path = tmp_path / ("hf_gated" if gated else "hf_relu")
+        model.save_pretrained(path, safe_serialization=True)
+        return path, model
+
+    return make

@@ -1,0 +1,37 @@
+"""Model sizes in gin/models: parse on their own and have the published parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dss_jax import configs, model
+
+# Published sizes (millions): T5 v1.0 small/base 60/220; T5 v1.1 (untied head) 77/248/783/2850/11135.
+EXPECTED_M = {
+    "t5_small": 60.5, "t5_base": 222.9,
+    "t5_1_1_small": 76.96, "t5_1_1_base": 247.6, "t5_1_1_large": 783.2, "t5_1_1_xl": 2849.8, "t5_1_1_xxl": 11135.3,
+}
+
+
+def count(cfg):
+    shapes = jax.eval_shape(lambda: model.T5(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)))
+    return model.count_params(shapes["params"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_M))
+def test_parameter_counts_match_published_sizes(name):
+    n = count(configs.model_config(name)) / 1e6
+    assert abs(n - EXPECTED_M[name]) / EXPECTED_M[name] < 0.01, n
+
+
+def test_flan_aliases_are_the_v1_1_architecture():
+    for size in ("small", "base", "large", "xl", "xxl"):
+        assert configs.model_config(f"flan_t5_{size}") == configs.model_config(f"t5_1_1_{size}")
+
+
+def test_every_model_gin_parses_on_its_own():
+    names = configs.model_names()
+    assert "t5_1_1_tiny" in names and len(names) >= 13
+    for name in names:
+        cfg = configs.model_config(name)
+        assert cfg.num_heads * cfg.d_kv > 0
