@@ -45,6 +45,8 @@ setup(
         "console_scripts": [
             "dss-convert=dss_jax.convert:main",
             "dss-vocab=dss_jax.tasks.vocab:main",
+            "dss-train=dss_jax.train:main",
+            "dss-data=dss_jax.tasks.report:main",
         ]
     },
 )

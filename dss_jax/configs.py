@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -59,8 +60,17 @@ def split_gin_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     return files, bindings, rest
 
 
+class _QuietGinIncludes(logging.Filter):
+    """gin logs 'Path not found' at ERROR for every search path an include is *not* in; only the last
+    failure matters, and gin raises for that itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found:")
+
+
 def parse_gin(files: list[str], bindings: list[str], finalize: bool = True) -> None:
     """Parses gin files (looked up in the working dir, then gin/) and bindings, with errors naming them."""
+    logging.getLogger().addFilter(_QuietGinIncludes())
     for p in _search_paths():
         gin.add_config_file_search_path(p)
     resolved = []

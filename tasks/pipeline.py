@@ -8,9 +8,11 @@ interrupted run continues with the batches an uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -80,6 +82,7 @@ def get_dataset(
     shard_id: int = 0,
     num_shards: int = 1,
     drop_remainder: bool = True,
+    max_examples: int | None = None,
 ) -> tf.data.Dataset:
     """Converted and batched dataset of a registered task or mixture (this process's shard only)."""
     # The paired DSS tasks shuffle inputs in their source, keeping each input's two targets adjacent.
@@ -94,6 +97,8 @@ def get_dataset(
         feature_converter=DssEncDecFeatureConverter(pack=pack),
         seed=seed,
     )
+    if max_examples:
+        ds = ds.take(max_examples)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
 
@@ -108,3 +113,54 @@ def eval_examples(name: str, split: str) -> list[dict]:
     task = seqio.get_mixture_or_task(name)
     ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1)
     return list(ds.as_numpy_iterator())
+
+
+@gin.configurable
+@dataclasses.dataclass
+class SeqioData:
+    """The default data source of ``dss-train``: registers a benchmark's (or a user's) tasks with the run's
+    vocabulary and serves the training task's batches and the evaluation sets.
+
+    Evaluation sets: ``eval_task`` (label accuracy and loss, human labels) and, for DSS, the rationale task
+    (rationale loss), on the validation or test split; unpacked, so each row is one example.
+    """
+
+    benchmark: str = "cqa"
+    method: str = "dss"
+    label_source: str = "gold"
+    mixing: str = "objective"
+    vocabulary: seqio.Vocabulary = gin.REQUIRED
+    inputs_length: int = 1024
+    targets_length: int = 256
+    pack: bool = True
+    user_train_file: str | None = None
+    user_validation_file: str | None = None
+    user_test_file: str | None = None
+    max_eval_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.user_train_file:
+            registry.register_user_data(
+                self.benchmark, self.vocabulary, self.user_train_file, self.user_validation_file, self.user_test_file
+            )
+        else:
+            registry.register_benchmark(self.benchmark, self.vocabulary)
+        self.task = registry.task_name(self.benchmark, self.method, self.label_source, self.mixing)
+        self.selection_task = registry.eval_task_name(self.benchmark, self.method)
+        self.eval_tasks = [self.selection_task] + ([f"{self.benchmark}_rationale"] if self.method == "dss" else [])
+
+    def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> BatchIterator:
+        return train_batches(self.task, self.inputs_length, self.targets_length, batch_size, self.pack, seed, shard_id, num_shards)
+
+    def eval_sets(self, split: str, batch_size: int, shard_id: int, num_shards: int) -> dict[str, list[dict[str, np.ndarray]]]:
+        out = {}
+        for name in self.eval_tasks:
+            if split not in seqio.get_mixture_or_task(name).splits:
+                continue
+            ds = get_dataset(
+                name, split, self.inputs_length, self.targets_length, batch_size, pack=False, shuffle=False,
+                seed=None, num_epochs=1, shard_id=shard_id, num_shards=num_shards, drop_remainder=False,
+                max_examples=self.max_eval_examples,
+            )
+            out[name] = [{k: v.numpy() for k, v in b.items()} for b in ds]
+        return out

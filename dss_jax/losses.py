@@ -1,0 +1,74 @@
+"""Token losses and the paper's per-task weighting.
+
+``loss = a * mean(label-token loss) + (1 - a) * mean(rationale-token loss)``, each mean over that task's
+target tokens in the (global) batch, as the paper's code averages each task's loss; or, for T5X-style
+mixtures, one mean over all target tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+
+LOSS_MODES = ("task_weighted", "token_mean")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    mode: str = "task_weighted"
+    alpha: float = 0.5  # weight of the label task (the paper's a)
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in LOSS_MODES:
+            raise ValueError(f"LossConfig.mode={self.mode!r}; expected one of {LOSS_MODES}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"LossConfig.alpha must be in [0, 1], got {self.alpha}")
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0, z_loss: float = 0.0) -> jax.Array:
+    """Per-token cross entropy [batch, length] in float32, with optional label smoothing and z-loss."""
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_p = logits - log_z[..., None]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / max(vocab - 1, 1)
+    target_dist = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+    loss = -jnp.sum(target_dist * log_p, axis=-1)
+    if label_smoothing > 0:  # subtract the entropy of the smoothed target so a perfect model scores 0
+        normalizing = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
+        loss = loss - normalizing
+    if z_loss > 0:
+        loss = loss + z_loss * jnp.square(log_z)
+    return loss
+
+
+def task_token_counts(weights: jax.Array, task_ids: jax.Array) -> dict[str, jax.Array]:
+    w = weights.astype(jnp.float32)
+    return {
+        "all": jnp.sum(w),
+        "label": jnp.sum(w * (task_ids == 1)),
+        "rationale": jnp.sum(w * (task_ids == 2)),
+    }
+
+
+def weighted_loss(
+    losses: jax.Array, weights: jax.Array, task_ids: jax.Array, counts: dict[str, jax.Array], cfg: LossConfig
+) -> jax.Array:
+    """The scalar objective; ``counts`` are the token counts of the whole (global) batch, so that summing this
+    over microbatches gives the full-batch value."""
+    w = weights.astype(jnp.float32)
+    if cfg.mode == "token_mean":
+        return jnp.sum(losses * w) / jnp.maximum(counts["all"], 1.0)
+    label = jnp.sum(losses * w * (task_ids == 1)) / jnp.maximum(counts["label"], 1.0)
+    rationale = jnp.sum(losses * w * (task_ids == 2)) / jnp.maximum(counts["rationale"], 1.0)
+    # A batch without rationale tokens (baselines) is plain label training; without label tokens, the reverse.
+    has_l, has_r = counts["label"] > 0, counts["rationale"] > 0
+    a = jnp.where(has_l & has_r, cfg.alpha, jnp.where(has_l, 1.0, 0.0))
+    return a * label + (1.0 - a) * rationale

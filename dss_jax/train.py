@@ -1,0 +1,356 @@
+"""``dss-train``: the gin-configured training loop, with evaluation, checkpoints and exact resume.
+
+    dss-train --gin_file=gin/runs/quickstart.gin --model_dir=/tmp/dss_quickstart [--gin.NAME=VALUE ...]
+
+Model dir layout: ``checkpoints/<step>/`` (Orbax: state + meta), ``data/<step>/process_<i>`` (the data
+iterator's position at that step), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``config.gin`` (operative
+config), ``test_metrics.json`` (the test split, scored once, for the checkpoint selected on validation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dss_jax import checkpoints, configs, losses, optim, partitioning, trainer
+from dss_jax.model import T5Config
+
+log = logging.getLogger("dss_jax.train")
+
+
+class DataSource(Protocol):
+    """What the trainer needs from the data layer (``dss_jax.tasks.pipeline.SeqioData`` is the default)."""
+
+    selection_task: str
+
+    def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def eval_sets(self, split: str, batch_size: int, shard_id: int, num_shards: int) -> dict[str, list[dict[str, np.ndarray]]]: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %d: saving a checkpoint at the end of this step, then exiting", signum)
+
+
+def _manager(model_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    cm = ocp.checkpoint_managers
+    policy = cm.AnyPreservationPolicy(
+        [
+            cm.LatestN(n=keep),
+            cm.BestN(get_metric_fn=lambda m: m["accuracy"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=lambda m: m["accuracy"],
+        best_mode="max",
+        create=True,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(model_dir / "checkpoints", options=options)
+
+
+def _data_ckpt_path(model_dir: Path, step: int) -> str:
+    return str(model_dir / "data" / str(step) / f"process_{jax.process_index()}")
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    n = next(iter(batch.values())).shape[0]
+    if n == size:
+        return batch
+    return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+def run_eval(eval_fn: Any, params: Any, sets: dict[str, list[dict]], local_batch: int, bsharding: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, batches in sets.items():
+        sums: dict[str, float] = {}
+        for b in batches:
+            m = jax.device_get(eval_fn(params, partitioning.global_batch(_pad_batch(b, local_batch), bsharding)))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        out.update({f"{name}/{k}": v for k, v in trainer.summarize_eval(sums).items()})
+    return out
+
+
+def _equalize(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Every process must run the same number of eval steps: pad shorter lists with empty batches."""
+    if jax.process_count() == 1:
+        return sets
+    from jax.experimental import multihost_utils
+
+    out = {}
+    for name, batches in sorted(sets.items()):
+        n = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
+        empty = {k: np.zeros_like(v) for k, v in batches[0].items()} if batches else None
+        out[name] = batches + [empty] * (n - len(batches))
+    return out
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard, from process 0 only."""
+
+    def __init__(self, model_dir: Path):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(model_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.tb = SummaryWriter(str(model_dir / "tb"))
+
+    def write(self, step: int, kind: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+@gin.configurable(denylist=["model_dir"])
+def train(
+    model_dir: str,
+    model_config: T5Config = gin.REQUIRED,
+    data: DataSource = gin.REQUIRED,
+    num_steps: int = 10_000,
+    batch_size: int = 64,
+    microbatches: int = 1,
+    seed: int = 0,
+    init_checkpoint: str | None = None,
+    eval_every: int = 500,
+    checkpoint_every: int = 500,
+    keep_checkpoints: int = 2,
+    log_every: int = 50,
+    async_checkpoints: bool = True,
+    evaluate_test: bool = True,
+    mesh_config: partitioning.MeshConfig | None = None,
+    loss_config: losses.LossConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains ``model_config`` on ``data`` for ``num_steps`` steps of ``batch_size`` sequences (global).
+
+    Resumes from the latest checkpoint in ``model_dir`` (state and data position); otherwise starts from
+    ``init_checkpoint`` (a dss_jax pretrained dir: parameters only, fresh optimizer) or from scratch.
+    Returns the final summary (also written to ``model_dir/summary.json``).
+    """
+    model_dir_p = Path(model_dir).resolve()
+    model_dir_p.mkdir(parents=True, exist_ok=True)
+    mesh_config = mesh_config or partitioning.MeshConfig()
+    loss_config = loss_config or losses.LossConfig()
+    nproc, pid = jax.process_count(), jax.process_index()
+    if batch_size % (nproc * microbatches):
+        raise ValueError(f"train.batch_size={batch_size} must divide by processes ({nproc}) x microbatches ({microbatches})")
+    local_batch = batch_size // nproc
+
+    mesh = partitioning.make_mesh(mesh_config)
+    rules = mesh_config.rules
+    tx = optim.make_optimizer()
+    layout = trainer.state_layout(model_config, tx, mesh, rules)
+    bsharding = partitioning.batch_sharding(mesh, rules)
+    if batch_size % math.prod(bsharding.mesh.shape[a] for a in ("data", "fsdp")):
+        raise ValueError(f"train.batch_size={batch_size} must divide by the mesh's data x fsdp size")
+    step_fn = trainer.jit_train_step(model_config, tx, loss_config, microbatches, seed, layout, bsharding, mesh)
+    eval_fn = trainer.jit_eval_step(model_config, layout, bsharding, mesh)
+
+    manager = _manager(model_dir_p, keep_checkpoints, async_checkpoints)
+    if pid == 0:
+        (model_dir_p / "config.gin").write_text(gin.config_str())
+    writer = MetricsWriter(model_dir_p)
+    train_iter = data.train_iterator(local_batch, seed, pid, nproc)
+    latest = manager.latest_step()
+    if latest is not None:
+        restored = manager.restore(
+            latest,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(
+                    jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
+                )
+            ),
+        )
+        state = restored["state"]
+        if hasattr(train_iter, "restore"):
+            train_iter.restore(_data_ckpt_path(model_dir_p, latest))
+        log.info("resumed from %s at step %d", model_dir_p / "checkpoints", latest)
+    elif init_checkpoint:
+        params, _, _ = checkpoints.load_pretrained(init_checkpoint, model_config)
+        state = trainer.init_state(model_config, tx, layout, seed, params)
+        log.info("initialized parameters from %s", init_checkpoint)
+    else:
+        state = trainer.init_state(model_config, tx, layout, seed)
+    start = int(jax.device_get(state.step))
+
+    eval_sets = _equalize(data.eval_sets("validation", local_batch, pid, nproc)) if eval_every else {}
+    stop = _StopFlag()
+    metric_key = f"{data.selection_task}/accuracy"
+    last_metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    saved_step = latest if latest is not None else -1
+
+    def save(step: int, eval_metrics: dict[str, float] | None) -> None:
+        nonlocal saved_step
+        if not np.isfinite(float(jax.device_get(last_loss))):
+            raise NonFiniteLossError(f"loss is not finite at step {step}; keeping checkpoint {saved_step}")
+        if hasattr(train_iter, "save"):
+            train_iter.save(_data_ckpt_path(model_dir_p, step))
+        metrics = {"accuracy": eval_metrics[metric_key]} if eval_metrics and metric_key in eval_metrics else None
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()})),
+            metrics=metrics,
+            force=True,
+        )
+        saved_step = step
+
+    pbar = None
+    if progress and pid == 0:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t0, tokens_since = time.time(), 0.0
+    last_loss = jax.numpy.zeros(())
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start, num_steps):
+                batch = partitioning.global_batch(next(train_iter), bsharding)
+                state, metrics = step_fn(state, batch)
+                last_loss = metrics["loss"]
+                done = step + 1
+                if done % log_every == 0 or done == num_steps:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not math.isfinite(m["loss"]):
+                        raise NonFiniteLossError(
+                            f"loss is {m['loss']} at step {done}; stopping. The last good checkpoint is step {saved_step} "
+                            f"in {model_dir_p / 'checkpoints'} (lower the learning rate or check the data)."
+                        )
+                    dt = time.time() - t0
+                    tokens_since += m["target_tokens"]
+                    m["steps_per_sec"] = log_every / dt if dt > 0 else 0.0
+                    writer.write(done, "train", m)
+                    last_metrics = m
+                    t0 = time.time()
+                    if pbar is not None:
+                        pbar.set_postfix(loss=f"{m['loss']:.4f}")
+                eval_now = eval_every and (done % eval_every == 0 or done == num_steps)
+                eval_metrics = None
+                if eval_now:
+                    eval_metrics = run_eval(eval_fn, state.params, eval_sets, local_batch, bsharding)
+                    writer.write(done, "eval", eval_metrics)
+                    last_eval = eval_metrics
+                    log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in eval_metrics.items()}))
+                if pbar is not None:
+                    pbar.update(1)
+                if eval_now or done % checkpoint_every == 0 or done == num_steps or stop.signum is not None:
+                    save(done, eval_metrics)
+                if stop.signum is not None:
+                    manager.wait_until_finished()
+                    log.warning("stopped by signal %d at step %d; rerun the same command to resume", stop.signum, done)
+                    return {"stopped_at": done}
+    finally:
+        if pbar is not None:
+            pbar.close()
+        manager.wait_until_finished()
+
+    summary: dict[str, Any] = {"step": num_steps, "train": last_metrics, "validation": last_eval}
+    best = manager.best_step()
+    summary["best_step"] = best
+    if evaluate_test and best is not None:
+        test_sets = _equalize(data.eval_sets("test", local_batch, pid, nproc))
+        if test_sets:
+            restored = manager.restore(
+                best,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(
+                        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
+                    )
+                ),
+            )
+            with jax.set_mesh(mesh):
+                test = run_eval(eval_fn, restored["state"].params, test_sets, local_batch, bsharding)
+            summary["test"] = test
+            summary["test_checkpoint"] = best
+            if pid == 0:
+                (model_dir_p / "test_metrics.json").write_text(json.dumps({"step": best, **test}, indent=2) + "\n")
+    if pid == 0:
+        (model_dir_p / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    writer.close()
+    manager.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("Flags: --gin_file=FILE (repeatable), --gin.NAME=VALUE (repeatable), --model_dir=DIR.")
+        print("Run gin files: " + ", ".join(sorted(p.name for p in (configs.GIN_DIR / "runs").glob("*.gin"))))
+        return 0
+    files, bindings, rest = configs.split_gin_args(argv)
+    model_dir = None
+    for arg in rest:
+        if arg.startswith("--model_dir="):
+            model_dir = arg.split("=", 1)[1]
+        else:
+            print(f"dss-train: unknown flag {arg!r} (see --help)", file=sys.stderr)
+            return 2
+    if not files:
+        print("dss-train: --gin_file is required (see --help)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    partitioning.maybe_initialize_distributed()
+    configs.parse_gin(files, bindings)
+    if model_dir is None:
+        try:
+            model_dir = gin.query_parameter("%MODEL_DIR")
+        except ValueError:
+            print("dss-train: pass --model_dir=DIR (or bind MODEL_DIR in gin)", file=sys.stderr)
+            return 2
+    try:
+        summary = train(model_dir)
+    except NonFiniteLossError as e:
+        print(f"dss-train: {e}", file=sys.stderr)
+        return 3
+    if "stopped_at" in summary:
+        return 0
+    print(json.dumps({"validation": summary.get("validation"), "test": summary.get("test"), "model_dir": str(model_dir)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Train state, the jitted train and eval steps, and their shardings on a mesh.
+
+Pure functions of explicit state: ``TrainState`` holds step, params and optimizer state; the dropout rng of
+step ``s`` is ``fold_in(seed_key, s)``, so a resumed run draws the same randomness as an uninterrupted one.
+No TensorFlow or seqio here: batches are dicts of numpy arrays (see ``dss_jax.tasks.pipeline``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+
+from dss_jax import losses, partitioning
+from dss_jax.model import T5, T5Config
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Abstract state (shapes/dtypes) and its shardings on the mesh."""
+
+    abstract: TrainState
+    shardings: TrainState
+    boxed_params: Any
+
+
+def abstract_boxed_params(cfg: T5Config) -> Any:
+    model = T5(cfg)
+    dummy = jnp.ones((1, 8), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
+
+
+def state_layout(cfg: T5Config, tx: optax.GradientTransformation, mesh: Mesh, rules: Any) -> StateLayout:
+    boxed = abstract_boxed_params(cfg)
+    abstract_params = nn.meta.unbox(boxed)
+    p_shard = partitioning.params_shardings(boxed, mesh, rules)
+    o_shard = partitioning.opt_state_shardings(tx, abstract_params, p_shard, mesh)
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=abstract_params,
+        opt_state=jax.eval_shape(tx.init, abstract_params),
+    )
+    shardings = TrainState(step=partitioning.replicated(mesh), params=p_shard, opt_state=o_shard)
+    return StateLayout(abstract, shardings, boxed)
+
+
+def init_state(cfg: T5Config, tx: optax.GradientTransformation, layout: StateLayout, seed: int, params: Any = None) -> TrainState:
+    """A fresh state born sharded: random params from ``seed``, or the given (pretrained) params."""
+    model = T5(cfg)
+
+    if params is None:
+
+        def init(rng: jax.Array) -> TrainState:
+            dummy = jnp.ones((1, 8), jnp.int32)
+            p = nn.meta.unbox(model.init(rng, dummy, dummy)["params"])
+            return TrainState(jnp.array(0, jnp.int32), p, tx.init(p))
+
+        return jax.jit(init, out_shardings=layout.shardings)(jax.random.PRNGKey(seed))
+
+    params = jax.tree.map(
+        lambda x, a, s: jax.device_put(np.asarray(x, a.dtype), s), params, layout.abstract.params, layout.shardings.params
+    )
+    opt_state = jax.jit(tx.init, out_shardings=layout.shardings.opt_state)(params)
+    return TrainState(jax.device_put(jnp.array(0, jnp.int32), layout.shardings.step), params, opt_state)
+
+
+def _forward(model: T5, params: Any, batch: Batch, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+    return model.apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch.get("encoder_segment_ids"),
+        batch.get("decoder_segment_ids"),
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng},
+    )
+
+
+def _task_sums(tl: jax.Array, w: jax.Array, tids: jax.Array) -> dict[str, jax.Array]:
+    return {
+        "label_loss_sum": jnp.sum(tl * w * (tids == 1)),
+        "rationale_loss_sum": jnp.sum(tl * w * (tids == 2)),
+    }
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    cfg: T5Config,
+    tx: optax.GradientTransformation,
+    loss_cfg: losses.LossConfig,
+    microbatches: int,
+    seed_key: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step (gradients accumulated over ``microbatches`` slices of the batch)."""
+    model = T5(cfg)
+    rng = jax.random.fold_in(seed_key, state.step)
+    w = batch["decoder_loss_weights"].astype(jnp.float32)
+    tids = batch["decoder_task_ids"]
+    counts = losses.task_token_counts(w, tids)
+
+    def loss_fn(params: Any, mb: Batch, mb_rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logits = _forward(model, params, mb, False, mb_rng)
+        tl = losses.token_losses(logits, mb["decoder_target_tokens"], loss_cfg.label_smoothing, loss_cfg.z_loss)
+        mw = mb["decoder_loss_weights"].astype(jnp.float32)
+        loss = losses.weighted_loss(tl, mw, mb["decoder_task_ids"], counts, loss_cfg)
+        plain = losses.token_losses(logits, mb["decoder_target_tokens"])
+        return loss, _task_sums(plain, mw, mb["decoder_task_ids"])
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss, aux), grads = grad_fn(state.params, batch, rng)
+    else:
+        mbs = jax.tree.map(lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
+
+        def body(carry: tuple, xs: tuple) -> tuple:
+            g_acc, l_acc, a_acc = carry
+            mb, i = xs
+            (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, a_acc, a)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        aux0 = {"label_loss_sum": jnp.zeros(()), "rationale_loss_sum": jnp.zeros(())}
+        (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), aux0), (mbs, jnp.arange(microbatches)))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "label_loss": aux["label_loss_sum"] / jnp.maximum(counts["label"], 1.0),
+        "rationale_loss": aux["rationale_loss_sum"] / jnp.maximum(counts["rationale"], 1.0),
+        "grad_norm": optax.global_norm(grads),
+        "target_tokens": counts["all"],
+        "nonpad_input_tokens": jnp.sum(batch["encoder_input_tokens"] != 0).astype(jnp.float32),
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, cfg: T5Config) -> dict[str, jax.Array]:
+    """Sums for validation: per-task token losses and teacher-forced exact match of each (unpacked) row.
+
+    Greedy decoding reproduces a target iff every teacher-forced argmax matches it through EOS, so the
+    exact-match count equals what greedy decoding would score, at the cost of one forward pass.
+    """
+    logits = _forward(T5(cfg), params, batch, True, None)
+    targets = batch["decoder_target_tokens"]
+    w = batch["decoder_loss_weights"].astype(jnp.float32)
+    tids = batch["decoder_task_ids"]
+    tl = losses.token_losses(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets) | (w == 0)
+    row_valid = jnp.sum(w, axis=1) > 0
+    row_em = jnp.all(correct, axis=1) & row_valid
+    row_label = row_valid & (tids[:, 0] == 1)
+    return {
+        **_task_sums(tl, w, tids),
+        "label_tokens": jnp.sum(w * (tids == 1)),
+        "rationale_tokens": jnp.sum(w * (tids == 2)),
+        "label_exact": jnp.sum(row_em & row_label).astype(jnp.float32),
+        "label_rows": jnp.sum(row_label).astype(jnp.float32),
+    }
+
+
+def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
+    out = {}
+    if sums.get("label_tokens", 0) > 0:
+        out["label_loss"] = sums["label_loss_sum"] / sums["label_tokens"]
+    if sums.get("rationale_tokens", 0) > 0:
+        out["rationale_loss"] = sums["rationale_loss_sum"] / sums["rationale_tokens"]
+    if sums.get("label_rows", 0) > 0:
+        out["accuracy"] = 100.0 * sums["label_exact"] / sums["label_rows"]
+        out["examples"] = sums["label_rows"]
+    return out
+
+
+def jit_train_step(
+    cfg: T5Config,
+    tx: optax.GradientTransformation,
+    loss_cfg: losses.LossConfig,
+    microbatches: int,
+    seed: int,
+    layout: StateLayout,
+    batch_sharding: NamedSharding,
+    mesh: Mesh,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    fn = functools.partial(
+        train_step, cfg=cfg, tx=tx, loss_cfg=loss_cfg, microbatches=microbatches, seed_key=jax.random.PRNGKey(seed)
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(layout.shardings, batch_sharding),
+        out_shardings=(layout.shardings, partitioning.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(cfg: T5Config, layout: StateLayout, batch_sharding: NamedSharding, mesh: Mesh) -> Callable:
+    return jax.jit(
+        functools.partial(eval_step, cfg=cfg),
+        in_shardings=(layout.shardings.params, batch_sharding),
+        out_shardings=partitioning.replicated(mesh),
+    )
+
+
+def train_flops_per_token(cfg: T5Config, inputs_length: int, targets_length: int) -> float:
+    """Approximate training FLOPs per target token (6 x matmul params, plus attention), for MFU reports."""
+    d, h, kv, ff = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff
+    attn = 4 * d * h * kv
+    mlp = (3 if cfg.gated else 2) * d * ff
+    enc = cfg.num_encoder_layers * (attn + mlp)
+    dec = cfg.num_decoder_layers * (2 * attn + mlp) + d * cfg.vocab_size
+    ratio = inputs_length / max(targets_length, 1)
+    matmul = enc * ratio + dec
+    attn_scores = 2 * h * kv * (cfg.num_encoder_layers * inputs_length * ratio + cfg.num_decoder_layers * (targets_length + inputs_length))
+    return 6.0 * matmul + 6.0 * attn_scores
