@@ -108,3 +108,16 @@ def model_config(name: str, **overrides: object) -> T5Config:
         bindings = gin.get_bindings(model_lib.T5Config)
         gin.clear_config()
     return T5Config(**{**bindings, **overrides})
+
+
+def setup_logging() -> None:
+    """INFO from dss_jax to stderr (absl may already own the root logger); quieter third-party loggers."""
+    lg = logging.getLogger("dss_jax")
+    if not lg.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -330,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("dss-train: --gin_file is required (see --help)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configs.setup_logging()
     partitioning.maybe_initialize_distributed()
     configs.parse_gin(files, bindings)
     if model_dir is None:
@@ -353,4 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dss_jax.train` runs this file as __main__; gin binds the importable dss_jax.train.train.
+    from dss_jax.train import main as _main
+
+    sys.exit(_main())

@@ -148,7 +148,7 @@ def train_step(
         "loss": loss,
         "label_loss": aux["label_loss_sum"] / jnp.maximum(counts["label"], 1.0),
         "rationale_loss": aux["rationale_loss_sum"] / jnp.maximum(counts["rationale"], 1.0),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "target_tokens": counts["all"],
         "nonpad_input_tokens": jnp.sum(batch["encoder_input_tokens"] != 0).astype(jnp.float32),
     }

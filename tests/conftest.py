@@ -52,3 +52,25 @@ def hf_dir_factory(tmp_path):
         return path, model
 
     return make
+
+
+WORDS = "apple banana cherry grape lemon mango olive peach pear plum".split()
+
+
+def write_toy_jsonl(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """A learnable toy task in the user format: the label is the input's first word; the rationale says so."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 8))]
+            row = {"input": " ".join(words), "label": words[0], "rationale": f"the first word is {words[0]}", "llm_label": words[0]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_jsonl(tmp_path_factory):
+    return write_toy_jsonl(tmp_path_factory.mktemp("toy") / "toy_train.jsonl")

@@ -1,0 +1,108 @@
+"""The partitioned trainer: sharded = single-device, state is sharded, microbatching, per-task loss."""
+
+import json
+
+import gin
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+
+from dss_jax import configs, losses, train
+
+GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
+
+
+def _train(tmp_path, name, toy, *bindings):
+    gin.clear_config()
+    configs.parse_gin([GIN], [f"USER_TRAIN = '{toy}'", *bindings])
+    try:
+        summary = train.train(str(tmp_path / name))
+    finally:
+        gin.clear_config()
+    rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    return summary, [r["loss"] for r in rows if r["kind"] == "train"], rows
+
+
+def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl, monkeypatch):
+    assert jax.device_count() == 8
+    _, single, _ = _train(tmp_path, "one", toy_jsonl, "train.train.evaluate_test = False")
+    captured = {}
+    real_jit = train.trainer.jit_train_step
+
+    def spy(*args, **kw):
+        fn = real_jit(*args, **kw)
+        captured["layout"] = args[5]
+        return fn
+
+    monkeypatch.setattr(train.trainer, "jit_train_step", spy)
+    _, sharded, _ = _train(
+        tmp_path, "mesh", toy_jsonl, "train.train.evaluate_test = False",
+        "partitioning.MeshConfig.data = 2", "partitioning.MeshConfig.fsdp = 2", "partitioning.MeshConfig.model = 2",
+    )
+    assert len(single) == len(sharded) == 20
+    np.testing.assert_allclose(sharded, single, rtol=1e-4)
+    # parameters and optimizer state are really sharded over fsdp and model
+    layout = captured["layout"]
+    wi = layout.shardings.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert wi.spec == jax.sharding.PartitionSpec("fsdp", "model")
+    emb = layout.shardings.params["token_embedder"]["embedding"]
+    assert emb.spec == jax.sharding.PartitionSpec("model", "fsdp")
+    mu = layout.shardings.opt_state[1][0].mu["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert mu.spec == jax.sharding.PartitionSpec("fsdp", "model")
+
+
+def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
+    _, full, _ = _train(tmp_path, "full", toy_jsonl, "TRAIN_STEPS = 6", "model.T5Config.dropout_rate = 0.0", "train.train.evaluate_test = False")
+    _, micro, _ = _train(
+        tmp_path, "micro", toy_jsonl, "TRAIN_STEPS = 6", "model.T5Config.dropout_rate = 0.0", "train.train.microbatches = 4",
+        "train.train.evaluate_test = False",
+    )
+    np.testing.assert_allclose(micro, full, rtol=1e-4)
+
+
+def test_training_learns_the_toy_task_and_reports_eval(tmp_path, toy_jsonl):
+    summary, losses_, rows = _train(tmp_path, "learn", toy_jsonl, "TRAIN_STEPS = 60", "train.train.eval_every = 30", "train.train.checkpoint_every = 30")
+    assert losses_[-1] < 0.5 * losses_[0]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert {"toy_label_gold/accuracy", "toy_label_gold/label_loss", "toy_rationale/rationale_loss"} <= set(evals[-1])
+    assert summary["best_step"] in (30, 60)
+    assert (tmp_path / "learn" / "test_metrics.json").exists() is False  # the toy data has no test split
+    assert (tmp_path / "learn" / "config.gin").read_text().count("USER_TRAIN") >= 1
+
+
+def test_task_weighted_loss_is_the_papers_objective():
+    import jax.numpy as jnp
+
+    tl = jnp.array([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 0.0, 0.0]])
+    w = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    tids = jnp.array([[1, 1, 2, 2], [2, 2, 0, 0]])
+    counts = losses.task_token_counts(w, tids)
+    got = losses.weighted_loss(tl, w, tids, counts, losses.LossConfig(alpha=0.3))
+    label_mean, rationale_mean = (1 + 2) / 2, (3 + 4 + 10 + 20) / 4
+    assert abs(float(got) - (0.3 * label_mean + 0.7 * rationale_mean)) < 1e-6
+    tm = losses.weighted_loss(tl, w, tids, counts, losses.LossConfig(mode="token_mean"))
+    assert abs(float(tm) - 40 / 6) < 1e-6
+    only_label = losses.weighted_loss(tl, w, jnp.where(tids > 0, 1, 0), losses.task_token_counts(w, jnp.where(tids > 0, 1, 0)), losses.LossConfig(alpha=0.3))
+    assert abs(float(only_label) - 40 / 6) < 1e-6  # no rationale tokens: plain label mean
+
+
+def test_label_smoothing_and_z_loss():
+    import jax.numpy as jnp
+
+    logits = jnp.array([[[2.0, 0.5, -1.0, 0.0]]])
+    tgt = jnp.array([[0]])
+    plain = losses.token_losses(logits, tgt)
+    assert abs(float(plain[0, 0]) - float(-jax.nn.log_softmax(logits)[0, 0, 0])) < 1e-6
+    assert float(losses.token_losses(logits, tgt, z_loss=1e-2)[0, 0]) > float(plain[0, 0])
+    assert float(losses.token_losses(logits, tgt, label_smoothing=0.1)[0, 0]) != float(plain[0, 0])
+
+
+def test_bad_mesh_and_unknown_axis_names_fail_clearly():
+    from dss_jax import partitioning
+
+    with pytest.raises(ValueError, match="devices"):
+        partitioning.make_mesh(partitioning.MeshConfig(data=3, fsdp=3, model=1))
+    with pytest.raises(ValueError, match="without a partitioning rule: \\['mystery'\\]"):
+        partitioning.validate_names({"w": jax.sharding.PartitionSpec("embed", "mystery")}, partitioning.DEFAULT_RULES)
