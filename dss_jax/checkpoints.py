@@ -50,9 +50,7 @@ def read_config(path: str | os.PathLike) -> T5Config:
     return T5Config.from_dict(json.loads(f.read_text()))
 
 
-def load_pretrained(
-    path: str | os.PathLike, cfg: T5Config | None = None
-) -> tuple[Params, T5Config, Path | None]:
+def load_pretrained(path: str | os.PathLike, cfg: T5Config | None = None) -> tuple[Params, T5Config, Path | None]:
     """Reads (params as numpy, config, spiece.model path or None).
 
     With ``cfg`` the stored architecture must match it (numerics such as dtype, remat and scan may differ);

@@ -138,9 +138,7 @@ def expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
     from dss_jax.model import T5
 
     model = T5(cfg.replace(scan_layers=False))
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-    )
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)))
     return {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(shapes["params"])).items()}
 
 
@@ -216,8 +214,12 @@ def _hf_layer_map(cfg: T5Config) -> list[tuple[str, str, bool]]:
         rows += [(f"{hf}.2.DenseReluDense.{m}.weight", f"{dss}/mlp/{m}/kernel", True) for m in mlp]
         rows.append((f"{hf}.2.layer_norm.weight", f"{dss}/pre_mlp_layer_norm/scale", False))
     rows.append(("decoder.final_layer_norm.weight", "decoder/decoder_norm/scale", False))
-    rows.append(("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder/relpos_bias/rel_embedding", True))
-    rows.append(("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "decoder/relpos_bias/rel_embedding", True))
+    rows.append(
+        ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder/relpos_bias/rel_embedding", True)
+    )
+    rows.append(
+        ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "decoder/relpos_bias/rel_embedding", True)
+    )
     if not cfg.tie_word_embeddings:
         rows.append(("lm_head.weight", "decoder/logits_dense/kernel", True))
     return rows
@@ -307,7 +309,9 @@ def save_hf(params: Params, cfg: T5Config, path: str | os.PathLike, spiece_model
     state = params_to_hf_state(params, cfg)
     if cfg.tie_word_embeddings:
         del state["lm_head.weight"]  # transformers re-ties it on load
-    save_file({k: np.asarray(v, np.float32) for k, v in state.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: np.asarray(v, np.float32) for k, v in state.items()}, str(path / "model.safetensors"), metadata={"format": "pt"}
+    )
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
     if spiece_model is not None:
         shutil.copy(spiece_model, path / "spiece.model")

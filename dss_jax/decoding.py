@@ -53,9 +53,7 @@ def _filter_logits(logits: Array, temperature: float, top_k: int, top_p: float) 
     return logits
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "max_decode_length", "sample", "temperature", "top_k", "top_p")
-)
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "sample", "temperature", "top_k", "top_p"))
 def decode(
     params: Any,
     encoder_input_tokens: Array,

@@ -54,9 +54,7 @@ class T5Config:
 
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
-            raise ValueError(
-                f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}"
-            )
+            raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers"):
@@ -86,9 +84,7 @@ def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def relative_position_bucket(
-    relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int
-) -> Array:
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
     """T5's bucketing of ``key_pos - query_pos``: exact for small distances, logarithmic up to max_distance."""
     buckets = jnp.zeros_like(relative_position)
     if bidirectional:
@@ -100,9 +96,9 @@ def relative_position_bucket(
     max_exact = num_buckets // 2
     is_small = n < max_exact
     n_float = jnp.maximum(n, 1).astype(jnp.float32)
-    large = max_exact + (
-        jnp.log(n_float / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).astype(jnp.int32)
+    large = max_exact + (jnp.log(n_float / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(
+        jnp.int32
+    )
     large = jnp.minimum(large, num_buckets - 1)
     return buckets + jnp.where(is_small, n, large)
 
@@ -299,9 +295,7 @@ def _remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
     return nn.remat(layer_cls, policy=jax_policy, prevent_cse=True)
 
 
-def _stack(
-    layer_cls: type[nn.Module], cfg: T5Config, num_layers: int, carry: Array, args: tuple, **flags: bool
-) -> Array:
+def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int, carry: Array, args: tuple, **flags: bool) -> Array:
     """Runs ``num_layers`` layers, as ``layers_<i>`` modules or (scan_layers) one scanned ``layers`` module.
 
     ``flags`` (deterministic, decode) are module attributes, so remat and scan see only arrays.
@@ -430,7 +424,10 @@ class Decoder(nn.Module):
             logits = self.embedder.attend(x * (cfg.d_model**-0.5))
         else:
             logits = Dense(
-                cfg.vocab_size, ("embed", "vocab"), dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                dtype=_dtype(cfg.dtype),
+                param_dtype=_dtype(cfg.param_dtype),
                 name="logits_dense",
             )(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
@@ -519,9 +516,7 @@ def shift_right(targets: np.ndarray | Array, start_id: int = 0) -> Array:
 def init_params(config: T5Config, rng: Array, batch: int = 1, enc_len: int = 8, dec_len: int = 8) -> dict:
     """Initialises unboxed parameters (for tests and from-scratch training without a mesh)."""
     model = T5(config)
-    variables = model.init(
-        rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32)
-    )
+    variables = model.init(rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32))
     return nn.meta.unbox(variables["params"])
 
 

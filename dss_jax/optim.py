@@ -62,7 +62,10 @@ def make_optimizer(
         opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     elif name == "adafactor":
         opt = optax.adafactor(
-            learning_rate, decay_rate=adafactor_decay_rate, multiply_by_parameter_scale=True, clipping_threshold=1.0,
+            learning_rate,
+            decay_rate=adafactor_decay_rate,
+            multiply_by_parameter_scale=True,
+            clipping_threshold=1.0,
             weight_decay_rate=weight_decay or None,
         )
     else:

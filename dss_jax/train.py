@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -38,7 +37,9 @@ class DataSource(Protocol):
 
     def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]: ...
 
-    def eval_sets(self, split: str, batch_size: int, shard_id: int, num_shards: int) -> dict[str, list[dict[str, np.ndarray]]]: ...
+    def eval_sets(
+        self, split: str, batch_size: int, shard_id: int, num_shards: int
+    ) -> dict[str, list[dict[str, np.ndarray]]]: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,7 +199,9 @@ def train(
             latest,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(
-                    jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
+                    jax.tree.map(
+                        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
+                    )
                 )
             ),
         )
@@ -230,7 +233,9 @@ def train(
         metrics = {"accuracy": eval_metrics[metric_key]} if eval_metrics and metric_key in eval_metrics else None
         manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()})),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()})
+            ),
             metrics=metrics,
             force=True,
         )
@@ -295,7 +300,9 @@ def train(
                 best,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(
-                        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
+                        jax.tree.map(
+                            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
+                        )
                     )
                 ),
             )
@@ -346,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if "stopped_at" in summary:
         return 0
-    print(json.dumps({"validation": summary.get("validation"), "test": summary.get("test"), "model_dir": str(model_dir)}, indent=2))
+    print(
+        json.dumps({"validation": summary.get("validation"), "test": summary.get("test"), "model_dir": str(model_dir)}, indent=2)
+    )
     return 0
 
 

@@ -135,8 +135,8 @@ def train_step(
         def body(carry: tuple, xs: tuple) -> tuple:
             g_acc, l_acc, a_acc = carry
             mb, i = xs
-            (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, a_acc, a)), None
+            (mb_loss, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + mb_loss, jax.tree.map(jnp.add, a_acc, a)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         aux0 = {"label_loss_sum": jnp.zeros(()), "rationale_loss_sum": jnp.zeros(())}
@@ -229,5 +229,7 @@ def train_flops_per_token(cfg: T5Config, inputs_length: int, targets_length: int
     dec = cfg.num_decoder_layers * (2 * attn + mlp) + d * cfg.vocab_size
     ratio = inputs_length / max(targets_length, 1)
     matmul = enc * ratio + dec
-    attn_scores = 2 * h * kv * (cfg.num_encoder_layers * inputs_length * ratio + cfg.num_decoder_layers * (targets_length + inputs_length))
+    attn_scores = (
+        2 * h * kv * (cfg.num_encoder_layers * inputs_length * ratio + cfg.num_decoder_layers * (targets_length + inputs_length))
+    )
     return 6.0 * matmul + 6.0 * attn_scores

@@ -102,8 +102,16 @@ def get_dataset(
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
 
-def train_batches(name: str, inputs_length: int, targets_length: int, batch_size: int, pack: bool, seed: int,
-                  shard_id: int = 0, num_shards: int = 1) -> BatchIterator:
+def train_batches(
+    name: str,
+    inputs_length: int,
+    targets_length: int,
+    batch_size: int,
+    pack: bool,
+    seed: int,
+    shard_id: int = 0,
+    num_shards: int = 1,
+) -> BatchIterator:
     ds = get_dataset(name, "train", inputs_length, targets_length, batch_size, pack, True, seed, None, shard_id, num_shards)
     return BatchIterator(ds)
 
@@ -150,7 +158,9 @@ class SeqioData:
         self.eval_tasks = [self.selection_task] + ([f"{self.benchmark}_rationale"] if self.method == "dss" else [])
 
     def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> BatchIterator:
-        return train_batches(self.task, self.inputs_length, self.targets_length, batch_size, self.pack, seed, shard_id, num_shards)
+        return train_batches(
+            self.task, self.inputs_length, self.targets_length, batch_size, self.pack, seed, shard_id, num_shards
+        )
 
     def eval_sets(self, split: str, batch_size: int, shard_id: int, num_shards: int) -> dict[str, list[dict[str, np.ndarray]]]:
         out = {}
@@ -158,8 +168,18 @@ class SeqioData:
             if split not in seqio.get_mixture_or_task(name).splits:
                 continue
             ds = get_dataset(
-                name, split, self.inputs_length, self.targets_length, batch_size, pack=False, shuffle=False,
-                seed=None, num_epochs=1, shard_id=shard_id, num_shards=num_shards, drop_remainder=False,
+                name,
+                split,
+                self.inputs_length,
+                self.targets_length,
+                batch_size,
+                pack=False,
+                shuffle=False,
+                seed=None,
+                num_epochs=1,
+                shard_id=shard_id,
+                num_shards=num_shards,
+                drop_remainder=False,
                 max_examples=self.max_eval_examples,
             )
             out[name] = [{k: v.numpy() for k, v in b.items()} for b in ds]

@@ -58,9 +58,7 @@ def default_data_dir() -> Path:
     beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dss"
     if beside.exists():
         return beside
-    raise FileNotFoundError(
-        "no data dir: set DSS_DATA_DIR to the unzipped datasets of google-research/distilling-step-by-step"
-    )
+    raise FileNotFoundError("no data dir: set DSS_DATA_DIR to the unzipped datasets of google-research/distilling-step-by-step")
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
@@ -207,8 +205,14 @@ def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
         has_teacher = "rationale" in row or "llm_label" in row
         out.append(
             Example(
-                i, row["input"], "", row["label"], row.get("rationale", ""), row.get("llm_label", ""),
-                has_teacher=has_teacher, parse_ok=True,
+                i,
+                row["input"],
+                "",
+                row["label"],
+                row.get("rationale", ""),
+                row.get("llm_label", ""),
+                has_teacher=has_teacher,
+                parse_ok=True,
             )
         )
     return out

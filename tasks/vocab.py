@@ -70,7 +70,10 @@ def benchmark_texts(benchmark: str, data_dir: Path | None = None) -> list[str]:
     if benchmark.endswith(".jsonl") or benchmark.endswith(".json"):
         examples = readers.read_user_jsonl(benchmark)
     else:
-        examples = readers.read_split(data_dir or readers.default_data_dir(), benchmark, "train")
+        data_dir = data_dir or readers.default_data_dir()
+        splits = readers.available_splits(data_dir, benchmark)
+        # the train split; a sample without one (the shared e-SNLI/ANLI excerpts) uses what it has
+        examples = [e for s in (["train"] if "train" in splits else splits) for e in readers.read_split(data_dir, benchmark, s)]
     texts = []
     for e in examples:
         texts += [e.input, e.input_b, e.label, e.rationale, e.llm_label]
@@ -92,7 +95,10 @@ def get_vocabulary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dss-vocab", description="Train (and cache) a SentencePiece vocabulary on a benchmark's or a JSONL file's training text.")
+    p = argparse.ArgumentParser(
+        prog="dss-vocab",
+        description="Train (and cache) a SentencePiece vocabulary on a benchmark's or a JSONL file's training text.",
+    )
     p.add_argument("--train_on", required=True, help="benchmark name (cqa, svamp, esnli, anli1) or a user .jsonl file")
     p.add_argument("--vocab_size", type=int, default=2000)
     p.add_argument("--out", default=None, help="where to write the .model (default: the cache)")

@@ -66,7 +66,12 @@ def write_toy_jsonl(path: Path, n: int = 200, seed: int = 0) -> Path:
     with open(path, "w") as f:
         for _ in range(n):
             words = [rng.choice(WORDS) for _ in range(rng.randint(3, 8))]
-            row = {"input": " ".join(words), "label": words[0], "rationale": f"the first word is {words[0]}", "llm_label": words[0]}
+            row = {
+                "input": " ".join(words),
+                "label": words[0],
+                "rationale": f"the first word is {words[0]}",
+                "llm_label": words[0],
+            }
             f.write(json.dumps(row) + "\n")
     return path
 

@@ -8,13 +8,20 @@ from dss_jax import configs, model
 
 # Published sizes (millions): T5 v1.0 small/base 60/220; T5 v1.1 (untied head) 77/248/783/2850/11135.
 EXPECTED_M = {
-    "t5_small": 60.5, "t5_base": 222.9,
-    "t5_1_1_small": 76.96, "t5_1_1_base": 247.6, "t5_1_1_large": 783.2, "t5_1_1_xl": 2849.8, "t5_1_1_xxl": 11135.3,
+    "t5_small": 60.5,
+    "t5_base": 222.9,
+    "t5_1_1_small": 76.96,
+    "t5_1_1_base": 247.6,
+    "t5_1_1_large": 783.2,
+    "t5_1_1_xl": 2849.8,
+    "t5_1_1_xxl": 11135.3,
 }
 
 
 def count(cfg):
-    shapes = jax.eval_shape(lambda: model.T5(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)))
+    shapes = jax.eval_shape(
+        lambda: model.T5(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))
+    )
     return model.count_params(shapes["params"])
 
 

@@ -118,7 +118,11 @@ def _write_t5x_checkpoint(step_dir, params):
     target = {}
     for name, arr in convert.flatten(params).items():
         rel = "target." + name.replace("/", ".")
-        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": rel}, "metadata": {"shape": list(arr.shape), "chunks": list(arr.shape), "dtype": "<f4", "compressor": {"id": "gzip"}}}
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": rel},
+            "metadata": {"shape": list(arr.shape), "chunks": list(arr.shape), "dtype": "<f4", "compressor": {"id": "gzip"}},
+        }
         store = ts.open({**spec, "kvstore": {"driver": "file", "path": str(step_dir / rel)}}, create=True).result()
         store.write(np.asarray(arr, np.float32)).result()
         node = target

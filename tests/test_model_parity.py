@@ -32,7 +32,9 @@ def test_logits_and_loss_match_hf(gated):
     assert cfg.gated == gated and cfg.tie_word_embeddings == (not gated)
     ids, labels = _inputs()
     with torch.no_grad():
-        out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor((ids != 0).astype(np.int64)), labels=torch.tensor(labels))
+        out = hf(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor((ids != 0).astype(np.int64)), labels=torch.tensor(labels)
+        )
     logits = model.T5(cfg).apply({"params": params}, jnp.asarray(ids), model.shift_right(labels))
     assert np.abs(np.asarray(logits) - out.logits.numpy()).max() <= 1e-4
     logp = jax.nn.log_softmax(logits)
@@ -45,9 +47,11 @@ def test_encoder_outputs_match_hf_on_valid_positions(gated):
     hf = hf_t5(gated)
     params, cfg = _convert(hf)
     ids, _ = _inputs(1)
-    mask = (ids != 0)
+    mask = ids != 0
     with torch.no_grad():
-        ref = hf.encoder(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).last_hidden_state.numpy()
+        ref = hf.encoder(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))
+        ).last_hidden_state.numpy()
     enc = model.T5(cfg).apply({"params": params}, jnp.asarray(ids), method=model.T5.encode)
     assert np.abs((np.asarray(enc) - ref)[mask]).max() <= 1e-4
 
@@ -60,8 +64,11 @@ def test_greedy_tokens_match_hf_generate(gated):
     ours = np.asarray(decoding.decode(params, jnp.asarray(ids), cfg, 12))
     with torch.no_grad():
         ref = hf.generate(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor((ids != 0).astype(np.int64)),
-            max_new_tokens=12, do_sample=False, num_beams=1,
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor((ids != 0).astype(np.int64)),
+            max_new_tokens=12,
+            do_sample=False,
+            num_beams=1,
         ).numpy()[:, 1:]  # drop the decoder start token
     for row_ours, row_ref in zip(ours, ref):
         n = len(row_ref)
@@ -79,7 +86,7 @@ def test_scan_and_remat_compute_the_same_function():
         cfg2 = cfg.replace(scan_layers=True, remat_policy=policy)
         out = model.T5(cfg2).apply({"params": convert.stack_layers(params)}, jnp.asarray(ids), model.shift_right(labels))
         assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= 1e-4
-        grads = jax.grad(lambda p: model.T5(cfg2).apply({"params": p}, jnp.asarray(ids), model.shift_right(labels)).sum())(
+        grads = jax.grad(lambda p, c=cfg2: model.T5(c).apply({"params": p}, jnp.asarray(ids), model.shift_right(labels)).sum())(
             convert.stack_layers(params)
         )
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
@@ -110,7 +117,9 @@ def test_logical_axis_names_cover_every_parameter():
     from flax import linen as nn
 
     cfg = model.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1)
-    boxed = jax.eval_shape(lambda: model.T5(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)))
+    boxed = jax.eval_shape(
+        lambda: model.T5(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+    )
     specs = nn.get_partition_spec(boxed["params"])
     leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     known = {"vocab", "embed", "joined_kv", "mlp", "heads", "relpos_buckets"}

@@ -16,8 +16,16 @@ GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
 
 
 def _cmd(model_dir, toy, *extra):
-    return [sys.executable, "-m", "dss_jax.train", f"--gin_file={GIN}", f"--model_dir={model_dir}", f"--gin.USER_TRAIN='{toy}'",
-            "--gin.train.train.evaluate_test=False", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dss_jax.train",
+        f"--gin_file={GIN}",
+        f"--model_dir={model_dir}",
+        f"--gin.USER_TRAIN='{toy}'",
+        "--gin.train.train.evaluate_test=False",
+        *extra,
+    ]
 
 
 def _env():
@@ -78,8 +86,12 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, toy_jsonl):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # the resumed run saw the same batches: its logged losses after resume equal the reference's
-    ref_losses = {r["step"]: r["loss"] for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"}
-    run_losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"}
+    ref_losses = {
+        r["step"]: r["loss"] for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    }
+    run_losses = {
+        r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    }
     for step in range(15, 21):
         assert run_losses[step] == ref_losses[step]
 
@@ -97,8 +109,15 @@ def test_sigterm_saves_at_that_step_and_resumes(tmp_path, toy_jsonl):
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy_jsonl):
     run = tmp_path / "nan"
     r = subprocess.run(
-        _cmd(run, toy_jsonl, "--gin.optim.learning_rate_schedule.base_learning_rate=1e30", "--gin.optim.make_optimizer.grad_clip_norm=None"),
-        env=_env(), capture_output=True, text=True,
+        _cmd(
+            run,
+            toy_jsonl,
+            "--gin.optim.learning_rate_schedule.base_learning_rate=1e30",
+            "--gin.optim.make_optimizer.grad_clip_norm=None",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 3, r.stderr[-2000:]
     assert "not finite" in r.stderr or "loss is nan" in r.stderr

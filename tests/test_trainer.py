@@ -37,8 +37,13 @@ def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl
 
     monkeypatch.setattr(train.trainer, "jit_train_step", spy)
     _, sharded, _ = _train(
-        tmp_path, "mesh", toy_jsonl, "train.train.evaluate_test = False",
-        "partitioning.MeshConfig.data = 2", "partitioning.MeshConfig.fsdp = 2", "partitioning.MeshConfig.model = 2",
+        tmp_path,
+        "mesh",
+        toy_jsonl,
+        "train.train.evaluate_test = False",
+        "partitioning.MeshConfig.data = 2",
+        "partitioning.MeshConfig.fsdp = 2",
+        "partitioning.MeshConfig.model = 2",
     )
     assert len(single) == len(sharded) == 20
     np.testing.assert_allclose(sharded, single, rtol=1e-4)
@@ -53,16 +58,25 @@ def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl
 
 
 def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
-    _, full, _ = _train(tmp_path, "full", toy_jsonl, "TRAIN_STEPS = 6", "model.T5Config.dropout_rate = 0.0", "train.train.evaluate_test = False")
+    _, full, _ = _train(
+        tmp_path, "full", toy_jsonl, "TRAIN_STEPS = 6", "model.T5Config.dropout_rate = 0.0", "train.train.evaluate_test = False"
+    )
     _, micro, _ = _train(
-        tmp_path, "micro", toy_jsonl, "TRAIN_STEPS = 6", "model.T5Config.dropout_rate = 0.0", "train.train.microbatches = 4",
+        tmp_path,
+        "micro",
+        toy_jsonl,
+        "TRAIN_STEPS = 6",
+        "model.T5Config.dropout_rate = 0.0",
+        "train.train.microbatches = 4",
         "train.train.evaluate_test = False",
     )
     np.testing.assert_allclose(micro, full, rtol=1e-4)
 
 
 def test_training_learns_the_toy_task_and_reports_eval(tmp_path, toy_jsonl):
-    summary, losses_, rows = _train(tmp_path, "learn", toy_jsonl, "TRAIN_STEPS = 60", "train.train.eval_every = 30", "train.train.checkpoint_every = 30")
+    summary, losses_, rows = _train(
+        tmp_path, "learn", toy_jsonl, "TRAIN_STEPS = 60", "train.train.eval_every = 30", "train.train.checkpoint_every = 30"
+    )
     assert losses_[-1] < 0.5 * losses_[0]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [30, 60]
@@ -84,7 +98,9 @@ def test_task_weighted_loss_is_the_papers_objective():
     assert abs(float(got) - (0.3 * label_mean + 0.7 * rationale_mean)) < 1e-6
     tm = losses.weighted_loss(tl, w, tids, counts, losses.LossConfig(mode="token_mean"))
     assert abs(float(tm) - 40 / 6) < 1e-6
-    only_label = losses.weighted_loss(tl, w, jnp.where(tids > 0, 1, 0), losses.task_token_counts(w, jnp.where(tids > 0, 1, 0)), losses.LossConfig(alpha=0.3))
+    only_label = losses.weighted_loss(
+        tl, w, jnp.where(tids > 0, 1, 0), losses.task_token_counts(w, jnp.where(tids > 0, 1, 0)), losses.LossConfig(alpha=0.3)
+    )
     assert abs(float(only_label) - 40 / 6) < 1e-6  # no rationale tokens: plain label mean
 
 

@@ -1,0 +1,31 @@
+# Fresh-machine entry points (see README): `make quickstart` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DSS_DATA_DIR ?= $(abspath ../shared/data/dss)
+export DSS_DATA_DIR
+
+.PHONY: setup quickstart test lint
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch==2.13.0 (test extra) is the CPU build this machine keeps on disk; a bare `torch` pulls CUDA.
+$(VENV)/.installed: setup.py $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# DSS on CommonsenseQA with a tiny T5 from scratch, then validation and test accuracy, on CPU.
+quickstart: setup
+	$(BIN)/dss-train --gin_file=runs/quickstart.gin --model_dir=$(or $(MODEL_DIR),runs/quickstart)
+
+test: setup
+	$(BIN)/ruff check dss_jax tasks tests bench launch
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+lint: setup
+	$(BIN)/ruff check dss_jax tasks tests bench launch
+	$(BIN)/ruff format --check dss_jax tasks tests bench launch
