@@ -47,6 +47,8 @@ setup(
             "dss-vocab=dss_jax.tasks.vocab:main",
             "dss-train=dss_jax.train:main",
             "dss-data=dss_jax.tasks.report:main",
+            "dss-eval=dss_jax.evaluate:main",
+            "dss-infer=dss_jax.infer:main",
         ]
     },
 )

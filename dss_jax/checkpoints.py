@@ -79,3 +79,56 @@ def load_pretrained(path: str | os.PathLike, cfg: T5Config | None = None) -> tup
 
 def tree_shapes(tree: Any) -> Any:
     return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+
+def resolve_step_dir(path: str | os.PathLike) -> Path:
+    """A trainer checkpoint step dir from: the step dir itself, ``<model_dir>/checkpoints``, or a model dir
+    (its best checkpoint by validation accuracy when one is recorded, else its latest)."""
+    path = Path(path).resolve()
+    if (path / "state").is_dir():
+        return path
+    ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and (p / "state").is_dir()) if ckpts.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{path}: no trainer checkpoints (expected <model_dir>/checkpoints/<step>/state)")
+    best = ocp.CheckpointManager(
+        ckpts, options=ocp.CheckpointManagerOptions(read_only=True, best_fn=lambda m: m["accuracy"], best_mode="max")
+    ).best_step()
+    return ckpts / str(best if best is not None else steps[-1])
+
+
+def restore_train_params(step_dir: str | os.PathLike, cfg: T5Config, shardings: Any = None) -> Any:
+    """The parameters of a trainer checkpoint (optimizer state is not read), placed with ``shardings`` (any
+    mesh, not necessarily the training one). A checkpoint of another architecture fails naming the tensor."""
+    from flax import linen as nn
+
+    from dss_jax.convert import CheckpointMismatchError
+    from dss_jax.trainer import abstract_boxed_params
+
+    state_dir = Path(step_dir) / "state"
+    if not state_dir.is_dir():
+        raise FileNotFoundError(f"{state_dir} not found: not a trainer checkpoint step")
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    stored = {k: tuple(v.shape) for k, v in flatten(dict(tree)["params"]).items()}
+    abstract = nn.meta.unbox(abstract_boxed_params(cfg))
+    want = {k: tuple(v.shape) for k, v in flatten(abstract).items()}
+    problems = [f"missing tensor {k} (model expects {want[k]})" for k in sorted(set(want) - set(stored))]
+    problems += [f"unexpected tensor {k} {stored[k]}" for k in sorted(set(stored) - set(want))]
+    problems += [
+        f"tensor {k} has shape {stored[k]}, model expects {want[k]}"
+        for k in sorted(set(want) & set(stored))
+        if stored[k] != want[k]
+    ]
+    if problems:
+        raise CheckpointMismatchError(f"{state_dir} does not match the model config:\n  " + "\n  ".join(problems))
+    if shardings is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = {"params": abstract}
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        ),
+    )
+    return restored["params"]

@@ -121,3 +121,108 @@ def greedy_decode_reference(params: Any, encoder_input_tokens: Array, config: T5
         tokens = tokens.at[:, i].set(nxt)
         done = done | (nxt == config.eos_token_id)
     return tokens
+
+
+def length_penalty(length: Array, alpha: float) -> Array:
+    """GNMT's ((5 + length) / 6) ** alpha, as T5X uses; alpha = 0 ranks by log probability alone."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(tree: Any, beam_idx: Array, batch: int, beams: int, batch_axis: int) -> Any:
+    """Reorders the flattened (batch * beams) axis of every cache leaf by the chosen parent beams."""
+    flat_idx = (jnp.arange(batch)[:, None] * beams + beam_idx).reshape(-1)
+
+    def gather(x: Array) -> Array:
+        if x.ndim <= batch_axis or x.shape[batch_axis] != batch * beams:
+            return x  # cache indices and markers
+        return jnp.take(x, flat_idx, axis=batch_axis)
+
+    return jax.tree.map(gather, tree)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "num_beams", "alpha"))
+def beam_search(
+    params: Any, encoder_input_tokens: Array, config: T5Config, max_decode_length: int, num_beams: int = 4, alpha: float = 0.6
+) -> tuple[Array, Array]:
+    """Beam search with a length penalty; returns (tokens [batch, beams, length] best first, scores [batch, beams]).
+
+    A hypothesis ends at its EOS token; the loop stops when no live beam can still beat the finished ones.
+    """
+    model = T5(config)
+    batch, k, vocab = encoder_input_tokens.shape[0], num_beams, config.vocab_size
+    enc_in = jnp.repeat(encoder_input_tokens, k, axis=0)
+    enc_seg = (enc_in != 0).astype(jnp.int32)
+    encoded = model.apply({"params": params}, enc_in, enc_seg, method=T5.encode)
+    cache = _init_cache(model, params, encoded, enc_seg, batch * k, max_decode_length)
+    cache_axis = 1 if config.scan_layers else 0
+    neg = jnp.array(-1e9, jnp.float32)
+
+    def cond(s: tuple) -> Array:
+        i, _, _, alive_lp, _, fin_scores, _ = s
+        best_alive = jnp.max(alive_lp, axis=1) / length_penalty(jnp.array(max_decode_length), alpha)
+        worst_fin = jnp.min(fin_scores, axis=1)
+        return (i < max_decode_length) & ~jnp.all(worst_fin >= best_alive)
+
+    def body(s: tuple) -> tuple:
+        i, cache, alive_seq, alive_lp, fin_seq, fin_scores, cur = s
+        logits, variables = model.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            enc_seg,
+            cur.reshape(-1, 1),
+            None,
+            jnp.full((batch * k, 1), i, jnp.int32),
+            decode=True,
+            max_decode_length=max_decode_length,
+            method=T5.decode,
+            mutable=["cache"],
+        )
+        logp = jax.nn.log_softmax(logits[:, 0]).reshape(batch, k, vocab)
+        cand = (alive_lp[:, :, None] + logp).reshape(batch, k * vocab)
+        top_lp, top_idx = jax.lax.top_k(cand, 2 * k)
+        parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        seqs = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1).at[:, :, i].set(token)
+        is_eos = token == config.eos_token_id
+        # live: the best k candidates that did not end
+        live_lp = jnp.where(is_eos, neg, top_lp)
+        live_lp, live_pos = jax.lax.top_k(live_lp, k)
+        new_alive_seq = jnp.take_along_axis(seqs, live_pos[:, :, None], axis=1)
+        new_parent = jnp.take_along_axis(parent, live_pos, axis=1)
+        new_cur = jnp.take_along_axis(token, live_pos, axis=1)
+        # finished: merge those that ended now with the earlier ones, keep the best k
+        # as in Hugging Face's beam search, an EOS candidate finishes only when it ranks among the top k
+        in_top_k = jnp.arange(2 * k)[None, :] < k
+        end_scores = jnp.where(is_eos & in_top_k, top_lp / length_penalty(i + 1, alpha), neg)
+        all_scores = jnp.concatenate([fin_scores, end_scores], axis=1)
+        all_seqs = jnp.concatenate([fin_seq, seqs], axis=1)
+        fin_scores, fin_pos = jax.lax.top_k(all_scores, k)
+        fin_seq = jnp.take_along_axis(all_seqs, fin_pos[:, :, None], axis=1)
+        cache = _gather_beams(variables["cache"], new_parent, batch, k, cache_axis)
+        return i + 1, cache, new_alive_seq, live_lp, fin_seq, fin_scores, new_cur
+
+    alive_lp = jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), (batch, 1))
+    seq0 = jnp.zeros((batch, k, max_decode_length), jnp.int32)
+    state = (
+        jnp.array(0, jnp.int32),
+        cache,
+        seq0,
+        alive_lp,
+        seq0,
+        jnp.full((batch, k), neg),
+        jnp.full((batch, k), config.decoder_start_token_id, jnp.int32),
+    )
+    _, _, alive_seq, alive_lp, fin_seq, fin_scores, _ = jax.lax.while_loop(cond, body, state)
+    # live beams that reached the length limit compete with the finished ones
+    alive_scores = alive_lp / length_penalty(jnp.array(max_decode_length), alpha)
+    scores, pos = jax.lax.top_k(jnp.concatenate([fin_scores, alive_scores], axis=1), k)
+    seqs = jnp.take_along_axis(jnp.concatenate([fin_seq, alive_seq], axis=1), pos[:, :, None], axis=1)
+    return seqs, scores
+
+
+def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, config: T5Config) -> Array:
+    """Teacher-forced log probability of each row of ``tokens`` (through its EOS), for tests and rescoring."""
+    model = T5(config)
+    logits = model.apply({"params": params}, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
+    after_eos = jnp.cumsum(tokens == config.eos_token_id, axis=1) - (tokens == config.eos_token_id)
+    return jnp.sum(jnp.where(after_eos > 0, 0.0, lp), axis=1)

@@ -79,6 +79,23 @@ def _manager(model_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointMana
     return ocp.CheckpointManager(model_dir / "checkpoints", options=options)
 
 
+def write_run_files(model_dir: Path, model_config: T5Config, data: DataSource) -> None:
+    """What the eval and infer binaries need beside the checkpoints: gin config, model config, vocabulary,
+    and the input format (task prefixes, lengths)."""
+    import shutil
+
+    (model_dir / "config.gin").write_text(gin.config_str())
+    (model_dir / checkpoints.CONFIG_FILE).write_text(
+        json.dumps(model_config.replace(scan_layers=False).to_dict(), indent=2) + "\n"
+    )
+    spm = getattr(data, "vocabulary_file", None)
+    if spm and Path(spm).resolve() != (model_dir / "spiece.model").resolve():
+        shutil.copy(spm, model_dir / "spiece.model")
+    fmt = getattr(data, "inference_format", None)
+    if fmt is not None:
+        (model_dir / "inference.json").write_text(json.dumps(fmt(), indent=2) + "\n")
+
+
 def _data_ckpt_path(model_dir: Path, step: int) -> str:
     return str(model_dir / "data" / str(step) / f"process_{jax.process_index()}")
 
@@ -190,7 +207,7 @@ def train(
 
     manager = _manager(model_dir_p, keep_checkpoints, async_checkpoints)
     if pid == 0:
-        (model_dir_p / "config.gin").write_text(gin.config_str())
+        write_run_files(model_dir_p, model_config, data)
     writer = MetricsWriter(model_dir_p)
     train_iter = data.train_iterator(local_batch, seed, pid, nproc)
     latest = manager.latest_step()
@@ -351,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"dss-train: {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as e:  # bad config or data: gin's message names the binding
+        print(f"dss-train: error: {e}", file=sys.stderr)
+        return 2
     if "stopped_at" in summary:
         return 0
     print(

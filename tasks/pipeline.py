@@ -157,6 +157,23 @@ class SeqioData:
         self.selection_task = registry.eval_task_name(self.benchmark, self.method)
         self.eval_tasks = [self.selection_task] + ([f"{self.benchmark}_rationale"] if self.method == "dss" else [])
 
+    @property
+    def vocabulary_file(self) -> str:
+        return self.vocabulary.sentencepiece_model_file
+
+    def inference_format(self) -> dict:
+        """How raw inputs become model inputs at inference (dss-infer reads this from the model dir)."""
+        label_prefix = "predict: " if self.method == "dss" else ""
+        return {
+            "method": self.method,
+            "label_prefix": label_prefix,
+            "rationale_prefix": "explain: " if self.method == "dss" else None,
+            "single_task_separator": registry.SINGLE_TASK_SEPARATOR.strip() if self.method == "single_task" else None,
+            "inputs_length": self.inputs_length,
+            "targets_length": self.targets_length,
+            "eval_task": self.selection_task,
+        }
+
     def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> BatchIterator:
         return train_batches(
             self.task, self.inputs_length, self.targets_length, batch_size, self.pack, seed, shard_id, num_shards

@@ -1,0 +1,184 @@
+"""``dss-infer``: labels (and optionally rationales) for raw inputs from a trained model dir.
+
+    dss-infer --model_dir DIR --input inputs.jsonl [--output preds.jsonl] [--rationales] [--num_beams 4]
+
+Input: JSON Lines with ``input`` (and optionally ``input_b``, the NLI hypothesis), or plain text, one input
+a line. Output: one JSON line per input. Needs only the model dir (``dss_config.json``, ``spiece.model``,
+``inference.json``, ``checkpoints/``): no TensorFlow, no seqio. :class:`Predictor` is the same path as a
+Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from dss_jax import checkpoints, decoding
+from dss_jax.model import T5Config
+
+
+@dataclasses.dataclass
+class InferStats:
+    inputs: int = 0
+    empty_skipped: int = 0
+    truncated: int = 0
+    invalid_utf8: int = 0
+
+
+class Predictor:
+    """Restores a model dir's checkpoint once and decodes batches of raw text inputs."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        checkpoint: str | Path | None = None,
+        batch_size: int = 32,
+        max_decode_length: int | None = None,
+        num_beams: int = 1,
+        alpha: float = 0.6,
+    ):
+        import sentencepiece as spm
+
+        model_dir = Path(model_dir)
+        self.config: T5Config = checkpoints.read_config(model_dir).replace(dtype="float32")
+        fmt_file = model_dir / "inference.json"
+        self.format: dict[str, Any] = (
+            json.loads(fmt_file.read_text())
+            if fmt_file.exists()
+            else {"label_prefix": "", "inputs_length": 512, "targets_length": 128}
+        )
+        spm_file = model_dir / "spiece.model"
+        if not spm_file.exists():
+            raise FileNotFoundError(f"{spm_file} not found: the model dir needs the run's vocabulary")
+        self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
+        self.step_dir = checkpoints.resolve_step_dir(checkpoint or model_dir)
+        self.params = jax.device_put(checkpoints.restore_train_params(self.step_dir, self.config))
+        self.batch_size = batch_size
+        self.inputs_length = int(self.format.get("inputs_length", 512))
+        self.max_decode_length = max_decode_length or int(self.format.get("targets_length", 128))
+        self.num_beams, self.alpha = num_beams, alpha
+        self.stats = InferStats()
+
+    def encode(self, text: str, text_b: str = "", prefix: str = "") -> tuple[np.ndarray, bool]:
+        """Token ids (NLI pairs joined by EOS, as in training) and whether they were truncated."""
+        eos = self.config.eos_token_id
+        ids = self.sp.encode(prefix + text) + ([eos] + self.sp.encode(text_b) if text_b else []) + [eos]
+        truncated = len(ids) > self.inputs_length
+        if truncated:
+            ids = ids[: self.inputs_length - 1] + [eos]
+        return np.asarray(ids, np.int32), truncated
+
+    def _decode_batch(self, rows: list[np.ndarray]) -> list[str]:
+        n = len(rows)
+        batch = np.zeros((self.batch_size, self.inputs_length), np.int32)  # fixed shape: one compile
+        for i, r in enumerate(rows):
+            batch[i, : len(r)] = r
+        if self.num_beams > 1:
+            seqs, _ = decoding.beam_search(self.params, batch, self.config, self.max_decode_length, self.num_beams, self.alpha)
+            tokens = np.asarray(seqs[:, 0])
+        else:
+            tokens = np.asarray(decoding.decode(self.params, batch, self.config, self.max_decode_length))
+        out = []
+        for row in tokens[:n]:
+            row = row.tolist()
+            if self.config.eos_token_id in row:
+                row = row[: row.index(self.config.eos_token_id)]
+            # a model vocabulary may be padded past the SentencePiece model's size: such ids decode to nothing
+            out.append(self.sp.decode([t for t in row if t < self.sp.get_piece_size()]))
+        return out
+
+    def predict(self, inputs: list[str | tuple[str, str]], rationales: bool = False) -> list[dict[str, str]]:
+        """Label (and rationale) text for each input (a string, or a (premise, hypothesis) pair)."""
+        results: list[dict[str, str]] = [{} for _ in inputs]
+        tasks = [("label", self.format.get("label_prefix", ""))]
+        if rationales and self.format.get("rationale_prefix"):
+            tasks.append(("rationale", self.format["rationale_prefix"]))
+        for key, prefix in tasks:
+            for start in range(0, len(inputs), self.batch_size):
+                chunk = inputs[start : start + self.batch_size]
+                encoded = [self.encode(*(x if isinstance(x, tuple) else (x, "")), prefix=prefix) for x in chunk]
+                rows = [ids for ids, _ in encoded]
+                if key == "label":
+                    self.stats.truncated += sum(t for _, t in encoded)
+                for i, text in enumerate(self._decode_batch(rows)):
+                    results[start + i][key] = text
+        sep = self.format.get("single_task_separator")
+        if sep:
+            for r in results:  # single-task outputs carry "rationale So the answer is label"
+                if sep in r["label"]:
+                    rationale, _, label = r["label"].rpartition(sep)
+                    r["label"], r["rationale"] = label.strip(), rationale.strip()
+        self.stats.inputs += len(inputs)
+        return results
+
+
+def read_inputs(path: Path, stats: InferStats) -> Iterator[tuple[int, str | tuple[str, str]]]:
+    """(line number, input) pairs; empty lines are skipped and counted, bad bytes replaced and counted."""
+    is_jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.invalid_utf8 += 1
+                line = raw.decode("utf-8", errors="replace")
+            if not line.strip():
+                stats.empty_skipped += 1
+                continue
+            if not is_jsonl:
+                yield lineno, line.rstrip("\n")
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("input"), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a string field 'input'")
+            yield lineno, (row["input"], row["input_b"]) if row.get("input_b") else row["input"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dss-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--checkpoint", default=None, help="a checkpoints/<step> dir (default: best, else latest)")
+    p.add_argument("--input", required=True, help=".jsonl with 'input' (and 'input_b'), or plain text")
+    p.add_argument("--output", default="-", help="JSON Lines output (default: stdout)")
+    p.add_argument("--rationales", action="store_true", help="also generate the rationale (explain task)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_decode_length", type=int, default=None)
+    p.add_argument("--num_beams", type=int, default=1, help="1: greedy; >1: beam search")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        pred = Predictor(args.model_dir, args.checkpoint, args.batch_size, args.max_decode_length, args.num_beams)
+        items = list(read_inputs(Path(args.input), pred.stats))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dss-infer: error: {e}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    bar = tqdm(total=len(items), desc="infer", unit="ex", disable=args.no_progress, file=sys.stderr)
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start : start + args.batch_size]
+        for (lineno, x), r in zip(chunk, pred.predict([x for _, x in chunk], args.rationales)):
+            text = x if isinstance(x, str) else list(x)
+            out.write(json.dumps({"line": lineno, "input": text, **r}, ensure_ascii=False) + "\n")
+        bar.update(len(chunk))
+    bar.close()
+    if out is not sys.stdout:
+        out.close()
+    print(json.dumps({"checkpoint": str(pred.step_dir), **dataclasses.asdict(pred.stats)}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
