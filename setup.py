@@ -36,10 +36,13 @@ setup(
     install_requires=CORE + DATA,
     extras_require={
         # torch==2.13.0 is the CPU build on this project's machines; a bare `torch` pulls a CUDA build.
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "torch==2.13.0", "transformers==5.23.0"],
-        "tpu": ["jax[tpu]==0.10.2"],
+        # libtpu: dss-plan's ahead-of-time TPU compiles (0.0.42.1, what jax[tpu]==0.10.2 pins, crashes
+        # compiling FSDP + remat steps on a CPU host; 0.0.51 compiles them).
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "torch==2.13.0", "transformers==5.23.0",
+                 "libtpu==0.0.51", "matplotlib==3.11.2"],
+        "tpu": ["libtpu==0.0.51"],
         "gpu": ["jax[cuda12]==0.10.2"],
-        "plot": ["matplotlib>=3.8"],
+        "plot": ["matplotlib==3.11.2"],
     },
     entry_points={
         "console_scripts": [
@@ -49,6 +52,9 @@ setup(
             "dss-data=dss_jax.tasks.report:main",
             "dss-eval=dss_jax.evaluate:main",
             "dss-infer=dss_jax.infer:main",
+            "dss-plan=dss_jax.plan:main",
+            "dss-sweep=dss_jax.sweep:main",
+            "dss-report=dss_jax.results:main",
         ]
     },
 )

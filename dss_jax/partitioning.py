@@ -145,7 +145,7 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 
 def maybe_initialize_distributed() -> None:
     """Joins a multi-host job when the launcher set DSS_COORDINATOR_ADDRESS/DSS_NUM_PROCESSES/DSS_PROCESS_ID
-    (local and SLURM launchers), or on Cloud TPU VMs (DSS_TPU_AUTO_DISTRIBUTED=1, where jax finds the pod)."""
+    (the local launcher), or DSS_AUTO_DISTRIBUTED=1 where jax finds the cluster itself (Cloud TPU VMs, SLURM)."""
     if os.environ.get("DSS_COORDINATOR_ADDRESS"):
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives (tests, rehearsals)
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -154,5 +154,5 @@ def maybe_initialize_distributed() -> None:
             num_processes=int(os.environ["DSS_NUM_PROCESSES"]),
             process_id=int(os.environ["DSS_PROCESS_ID"]),
         )
-    elif os.environ.get("DSS_TPU_AUTO_DISTRIBUTED") == "1":
+    elif os.environ.get("DSS_AUTO_DISTRIBUTED") == "1":
         jax.distributed.initialize()

@@ -46,6 +46,40 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class ShardedIterator:
+    """Concatenates the batches of several input shards read by this process (rows of shard 0 first).
+
+    One process reading shards 0..n-1 yields exactly the global batch that n processes reading one shard
+    each assemble, so a multi-host run can be checked against a single-host one.
+    """
+
+    def __init__(self, iterators: list):
+        self.iterators = iterators
+
+    def __iter__(self) -> ShardedIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    @property
+    def checkpointable(self) -> bool:
+        return all(hasattr(it, "save") and hasattr(it, "restore") for it in self.iterators)
+
+    def save(self, path: str) -> None:
+        if self.checkpointable:
+            for i, it in enumerate(self.iterators):
+                it.save(f"{path}_shard{i}")
+
+    def restore(self, path: str) -> None:
+        if not self.checkpointable:
+            log.warning("the data source cannot restore its position: the resumed run sees data from the start")
+            return
+        for i, it in enumerate(self.iterators):
+            it.restore(f"{path}_shard{i}")
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the next step boundary and exits."""
 
@@ -179,11 +213,13 @@ def train(
     mesh_config: partitioning.MeshConfig | None = None,
     loss_config: losses.LossConfig | None = None,
     progress: bool = True,
+    input_shards: int | None = None,
 ) -> dict[str, Any]:
     """Trains ``model_config`` on ``data`` for ``num_steps`` steps of ``batch_size`` sequences (global).
 
     Resumes from the latest checkpoint in ``model_dir`` (state and data position); otherwise starts from
     ``init_checkpoint`` (a dss_jax pretrained dir: parameters only, fresh optimizer) or from scratch.
+    Each process reads ``input_shards / processes`` shards of the training data (default: one per process).
     Returns the final summary (also written to ``model_dir/summary.json``).
     """
     model_dir_p = Path(model_dir).resolve()
@@ -209,7 +245,13 @@ def train(
     if pid == 0:
         write_run_files(model_dir_p, model_config, data)
     writer = MetricsWriter(model_dir_p)
-    train_iter = data.train_iterator(local_batch, seed, pid, nproc)
+    shards = input_shards or nproc
+    if shards % nproc or local_batch % (shards // nproc):
+        raise ValueError(f"train.input_shards={shards} must be a multiple of the processes ({nproc}) and divide the local batch")
+    per = shards // nproc
+    train_iter: Any = ShardedIterator(
+        [data.train_iterator(local_batch // per, seed, s, shards) for s in range(pid * per, (pid + 1) * per)]
+    )
     latest = manager.latest_step()
     if latest is not None:
         restored = manager.restore(
@@ -223,8 +265,7 @@ def train(
             ),
         )
         state = restored["state"]
-        if hasattr(train_iter, "restore"):
-            train_iter.restore(_data_ckpt_path(model_dir_p, latest))
+        train_iter.restore(_data_ckpt_path(model_dir_p, latest))
         log.info("resumed from %s at step %d", model_dir_p / "checkpoints", latest)
     elif init_checkpoint:
         params, _, _ = checkpoints.load_pretrained(init_checkpoint, model_config)
@@ -245,8 +286,7 @@ def train(
         nonlocal saved_step
         if not np.isfinite(float(jax.device_get(last_loss))):
             raise NonFiniteLossError(f"loss is not finite at step {step}; keeping checkpoint {saved_step}")
-        if hasattr(train_iter, "save"):
-            train_iter.save(_data_ckpt_path(model_dir_p, step))
+        train_iter.save(_data_ckpt_path(model_dir_p, step))
         metrics = {"accuracy": eval_metrics[metric_key]} if eval_metrics and metric_key in eval_metrics else None
         manager.save(
             step,

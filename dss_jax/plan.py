@@ -1,0 +1,163 @@
+"""``dss-plan``: will this model, batch and partitioning fit a TPU slice? Answered on a CPU.
+
+    dss-plan --model t5_1_1_xxl --topology v4-64 --batch 128 --fsdp 16 --model_parallel 2 --remat full
+
+Compiles the real train step ahead of time for a TPU topology through libtpu (``jax.experimental.topologies``;
+install the ``tpu`` extra) and reports per-device memory (parameters, optimizer state, temporaries), whether
+it fits the chip's HBM, FLOPs per step and the compiler's estimate of the step time. Nothing runs on a TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+# Chips' HBM (GiB) and dense bf16 peak (FLOP/s), per chip.
+CHIPS = {
+    "v4": {"hbm_gib": 32, "peak_flops": 275e12, "dims": 3, "cores_per_chip": 2},
+    "v5p": {"hbm_gib": 95, "peak_flops": 459e12, "dims": 3, "cores_per_chip": 2},
+    "v5e": {"hbm_gib": 16, "peak_flops": 197e12, "dims": 2, "cores_per_chip": 1},
+    "v6e": {"hbm_gib": 32, "peak_flops": 918e12, "dims": 2, "cores_per_chip": 1},
+}
+_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def parse_topology(name: str) -> tuple[str, str, int]:
+    """'v4-8' (Cloud TPU naming: cores for v4/v5p, chips for v5e/v6e) or 'v5e:4x4' -> (generation, jax name, chips)."""
+    if ":" in name:
+        gen, shape = name.split(":", 1)
+        chips = math.prod(int(x) for x in shape.split("x"))
+    else:
+        gen, _, n = name.partition("-")
+        if gen not in CHIPS or not n.isdigit():
+            raise ValueError(f"unknown topology {name!r}; use e.g. v4-8, v5p-16, v5e-16, v6e-8 or v5e:4x4")
+        chips = int(n) // CHIPS[gen]["cores_per_chip"]
+        table = _3D if CHIPS[gen]["dims"] == 3 else _2D
+        if chips not in table:
+            raise ValueError(f"{name}: no standard {gen} slice with {chips} chips; sizes: {sorted(table)} chips")
+        shape = table[chips]
+    if gen not in CHIPS:
+        raise ValueError(f"unknown TPU generation {gen!r}; known: {sorted(CHIPS)}")
+    return gen, f"{gen}:{shape}", chips
+
+
+def _bytes_per_device(abstract: Any, shardings: Any) -> int:
+    import jax
+    import numpy as np
+
+    total = 0
+    for a, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
+        shard = s.shard_shape(a.shape)
+        total += int(np.prod(shard)) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def plan(
+    model: str,
+    topology: str,
+    batch: int,
+    inputs_length: int = 1024,
+    targets_length: int = 256,
+    data: int = -1,
+    fsdp: int = 1,
+    model_parallel: int = 1,
+    remat: str = "full",
+    scan: bool = True,
+    optimizer: str = "adamw",
+    dtype: str = "bfloat16",
+) -> dict[str, Any]:
+    import jax
+    import optax
+    from jax.experimental import topologies
+
+    from dss_jax import configs, losses, partitioning, trainer
+
+    gen, jax_name, chips = parse_topology(topology)
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=jax_name)
+    devices = topo.devices
+    cfg = configs.model_config(model, dtype=dtype, remat_policy=remat, scan_layers=scan)
+    tx = optax.adamw(5e-5) if optimizer == "adamw" else optax.adafactor(1e-3)
+    mesh_cfg = partitioning.MeshConfig(data=data, fsdp=fsdp, model=model_parallel)
+    mesh = partitioning.make_mesh(mesh_cfg, devices)
+    layout = trainer.state_layout(cfg, tx, mesh, mesh_cfg.rules)
+    bsh = partitioning.batch_sharding(mesh, mesh_cfg.rules)
+    step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), 1, 0, layout, bsh, mesh)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
+    shapes = {"encoder_input_tokens": inputs_length, "decoder_input_tokens": targets_length, "decoder_target_tokens": targets_length,
+              "decoder_loss_weights": targets_length, "decoder_task_ids": targets_length}
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch, n), jax.numpy.int32, sharding=bsh) for k, n in shapes.items()}
+    t0 = time.time()
+    compiled = step.lower(abstract_state, abstract_batch).compile()
+    compile_s = time.time() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    hbm = CHIPS[gen]["hbm_gib"] * 2**30
+    params_b = _bytes_per_device(layout.abstract.params, layout.shardings.params)
+    opt_b = _bytes_per_device(layout.abstract.opt_state, layout.shardings.opt_state)
+    args_b, temp_b = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+    out_b, alias_b = int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes)
+    code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    peak_b = args_b + out_b - alias_b + temp_b + code_b
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    est = cost.get("optimal_seconds") if cost else None
+    gib = 2**30
+    return {
+        "model": model, "topology": topology, "jax_topology": jax_name, "chips": chips, "devices": len(devices),
+        "mesh": dict(mesh.shape), "batch": batch, "inputs_length": inputs_length, "targets_length": targets_length,
+        "remat": remat, "scan_layers": scan, "optimizer": optimizer,
+        "params_gib_per_device": round(params_b / gib, 3), "optimizer_state_gib_per_device": round(opt_b / gib, 3),
+        "arguments_gib": round(args_b / gib, 3), "temporaries_gib": round(temp_b / gib, 3),
+        "peak_gib_per_device": round(peak_b / gib, 3), "hbm_gib_per_chip": CHIPS[gen]["hbm_gib"],
+        "fits": peak_b <= hbm, "flops_per_step_per_device": flops,
+        "estimated_step_s": float(est) if est is not None and est > 0 else None,
+        "roofline_step_s": round(flops / CHIPS[gen]["peak_flops"], 4) if flops else None,
+        "compile_s": round(compile_s, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU topology; never initialise one here
+    p = argparse.ArgumentParser(prog="dss-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="gin/models name, e.g. t5_1_1_xxl")
+    p.add_argument("--topology", required=True, nargs="+", help="e.g. v4-8 v4-64 v5e-16 v5p-32 or v5e:4x4")
+    p.add_argument("--batch", type=int, default=128, help="global batch in sequences (DSS: 2 per input)")
+    p.add_argument("--inputs_length", type=int, default=1024)
+    p.add_argument("--targets_length", type=int, default=256)
+    p.add_argument("--data", type=int, default=-1)
+    p.add_argument("--fsdp", type=int, default=1)
+    p.add_argument("--model_parallel", type=int, default=1)
+    p.add_argument("--remat", default="full", choices=["none", "full", "minimal"])
+    p.add_argument("--no_scan", action="store_true", help="unroll layers (slower to compile)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    rows = []
+    for topo in a.topology:
+        try:
+            rows.append(plan(a.model, topo, a.batch, a.inputs_length, a.targets_length, a.data, a.fsdp, a.model_parallel,
+                             a.remat, not a.no_scan, a.optimizer))
+        except (ValueError, RuntimeError) as e:
+            print(f"dss-plan: {topo}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+        print(f"{r['model']} on {r['topology']} ({r['chips']} chips, mesh {r['mesh']}), batch {r['batch']}: {verdict} "
+              f"— peak {r['peak_gib_per_device']} GiB of {r['hbm_gib_per_chip']} GiB per chip "
+              f"(params {r['params_gib_per_device']}, optimizer {r['optimizer_state_gib_per_device']}, "
+              f"temporaries {r['temporaries_gib']}); {r['flops_per_step_per_device']:.3g} FLOPs/step/device; "
+              f"estimated step {r['estimated_step_s'] or r['roofline_step_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
