@@ -31,8 +31,10 @@ setup(
     version="0.1.0",
     description="Distilling step-by-step: train small T5 students on LLM rationales with JAX/Flax",
     python_requires=">=3.10",
-    packages=["dss_jax", "dss_jax.tasks"],
-    package_dir={"dss_jax": "dss_jax", "dss_jax.tasks": "tasks"},
+    packages=["dss_jax", "dss_jax.tasks", "dss_jax.gin_configs"],
+    # tasks/ is importable as dss_jax.tasks; gin/ ships inside the package so installed copies find it
+    package_dir={"dss_jax": "dss_jax", "dss_jax.tasks": "tasks", "dss_jax.gin_configs": "gin"},
+    package_data={"dss_jax.gin_configs": ["*/*.gin"]},
     install_requires=CORE + DATA,
     extras_require={
         # torch==2.13.0 is the CPU build on this project's machines; a bare `torch` pulls a CUDA build.

@@ -26,7 +26,9 @@ def peak_flops(device: jax.Device) -> float | None:
     return None
 
 
-def synthetic_batch(batch: int, inputs_length: int, targets_length: int, vocab: int, fill: float, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(
+    batch: int, inputs_length: int, targets_length: int, vocab: int, fill: float, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random tokens; each row's first ``fill`` fraction is real, the rest padding; half the rows are rationale rows."""
     rng = np.random.RandomState(seed)
     enc = rng.randint(2, vocab, size=(batch, inputs_length)).astype(np.int32)

@@ -1,6 +1,6 @@
 """Generated tokens per second of cached decoding (greedy or beam) on the devices present; prints JSON.
 
-    python bench/decode_throughput.py --model t5_1_1_small --batch 64 --inputs_length 256 --decode_length 64
+python bench/decode_throughput.py --model t5_1_1_small --batch 64 --inputs_length 256 --decode_length 64
 """
 
 from __future__ import annotations
@@ -47,13 +47,24 @@ def main() -> None:
         out = jax.block_until_ready(run())
     dt = (time.time() - t0) / a.repeats
     generated = a.batch * a.decode_length * a.num_beams
-    print(json.dumps({
-        "model": a.model, "device_kind": jax.devices()[0].device_kind, "batch": a.batch, "num_beams": a.num_beams,
-        "inputs_length": a.inputs_length, "decode_length": a.decode_length, "dtype": a.dtype,
-        "seconds_per_batch": round(dt, 4), "generated_tokens_per_s": round(generated / dt, 1),
-        "sequences_per_s": round(a.batch / dt, 2), "first_call_incl_compile_s": round(compile_s, 2),
-        "output_shape": list(np.asarray(out).shape),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": a.model,
+                "device_kind": jax.devices()[0].device_kind,
+                "batch": a.batch,
+                "num_beams": a.num_beams,
+                "inputs_length": a.inputs_length,
+                "decode_length": a.decode_length,
+                "dtype": a.dtype,
+                "seconds_per_batch": round(dt, 4),
+                "generated_tokens_per_s": round(generated / dt, 1),
+                "sequences_per_s": round(a.batch / dt, 2),
+                "first_call_incl_compile_s": round(compile_s, 2),
+                "output_shape": list(np.asarray(out).shape),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

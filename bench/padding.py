@@ -1,6 +1,6 @@
 """Padding fraction of real training batches with and without packing; prints JSON (uses seqio/TensorFlow).
 
-    python bench/padding.py --benchmark cqa --task cqa_dss_gold --inputs_length 1024 --targets_length 256
+python bench/padding.py --benchmark cqa --task cqa_dss_gold --inputs_length 1024 --targets_length 256
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import optax  # noqa: E402
-
 from common import peak_flops, synthetic_batch  # noqa: E402
+
 from dss_jax import configs, losses, partitioning, trainer  # noqa: E402
 
 
@@ -69,18 +69,34 @@ def main() -> None:
     flops_step = trainer.train_flops_per_token(cfg, a.inputs_length, a.targets_length) * a.batch * a.targets_length
     real_flops_step = flops_step * (real_in + real_tgt) / total
     peak = peak_flops(jax.devices()[0])
-    print(json.dumps({
-        "model": a.model, "params_m": round(sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e6, 2),
-        "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
-        "batch": a.batch, "inputs_length": a.inputs_length, "targets_length": a.targets_length, "dtype": a.dtype,
-        "remat": a.remat, "scan": a.scan, "optimizer": a.optimizer,
-        "step_time_s": round(dt, 5), "steps_per_s": round(1 / dt, 3), "examples_per_s": round(a.batch / dt, 1),
-        "tokens_per_s": round(total / dt, 1), "nonpad_tokens_per_s": round((real_in + real_tgt) / dt, 1),
-        "padding_fraction": round(1 - (real_in + real_tgt) / total, 4),
-        "model_tflops_per_s": round(real_flops_step / dt / 1e12, 3),
-        "mfu": round(real_flops_step / dt / (peak * jax.device_count()), 4) if peak else None,
-        "warmup_incl_compile_s": round(t_compile, 2), "final_loss": float(m["loss"]),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": a.model,
+                "params_m": round(sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e6, 2),
+                "devices": jax.device_count(),
+                "device_kind": jax.devices()[0].device_kind,
+                "mesh": dict(mesh.shape),
+                "batch": a.batch,
+                "inputs_length": a.inputs_length,
+                "targets_length": a.targets_length,
+                "dtype": a.dtype,
+                "remat": a.remat,
+                "scan": a.scan,
+                "optimizer": a.optimizer,
+                "step_time_s": round(dt, 5),
+                "steps_per_s": round(1 / dt, 3),
+                "examples_per_s": round(a.batch / dt, 1),
+                "tokens_per_s": round(total / dt, 1),
+                "nonpad_tokens_per_s": round((real_in + real_tgt) / dt, 1),
+                "padding_fraction": round(1 - (real_in + real_tgt) / total, 4),
+                "model_tflops_per_s": round(real_flops_step / dt / 1e12, 3),
+                "mfu": round(real_flops_step / dt / (peak * jax.device_count()), 4) if peak else None,
+                "warmup_incl_compile_s": round(t_compile, 2),
+                "final_loss": float(m["loss"]),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

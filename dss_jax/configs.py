@@ -11,7 +11,9 @@ import gin
 
 from dss_jax.model import T5Config
 
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+# The repo's gin/ (source checkouts, editable installs), else the copy installed as dss_jax/gin_configs.
+_REPO_GIN = Path(__file__).resolve().parent.parent / "gin"
+GIN_DIR = _REPO_GIN if (_REPO_GIN / "models").is_dir() else Path(__file__).resolve().parent / "gin_configs"
 
 
 def _search_paths() -> list[str]:

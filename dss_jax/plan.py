@@ -24,7 +24,18 @@ CHIPS = {
     "v5e": {"hbm_gib": 16, "peak_flops": 197e12, "dims": 2, "cores_per_chip": 1},
     "v6e": {"hbm_gib": 32, "peak_flops": 918e12, "dims": 2, "cores_per_chip": 1},
 }
-_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+_3D = {
+    1: "1x1x1",
+    2: "1x2x1",
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+}
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
@@ -88,36 +99,70 @@ def plan(
     layout = trainer.state_layout(cfg, tx, mesh, mesh_cfg.rules)
     bsh = partitioning.batch_sharding(mesh, mesh_cfg.rules)
     step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), 1, 0, layout, bsh, mesh)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
-    shapes = {"encoder_input_tokens": inputs_length, "decoder_input_tokens": targets_length, "decoder_target_tokens": targets_length,
-              "decoder_loss_weights": targets_length, "decoder_task_ids": targets_length}
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
+    )
+    shapes = {
+        "encoder_input_tokens": inputs_length,
+        "decoder_input_tokens": targets_length,
+        "decoder_target_tokens": targets_length,
+        "decoder_loss_weights": targets_length,
+        "decoder_task_ids": targets_length,
+    }
     abstract_batch = {k: jax.ShapeDtypeStruct((batch, n), jax.numpy.int32, sharding=bsh) for k, n in shapes.items()}
+    gib = 2**30
+    hbm = CHIPS[gen]["hbm_gib"] * 2**30 * chips / len(devices)  # v4/v5p expose each TensorCore as a device
+    tokens = batch * (inputs_length + targets_length)
+    model_flops = trainer.train_flops_per_token(cfg, inputs_length, targets_length) * batch * targets_length / len(devices)
+    peak_per_device = CHIPS[gen]["peak_flops"] * chips / len(devices)
+    row: dict[str, Any] = {
+        "model": model,
+        "topology": topology,
+        "jax_topology": jax_name,
+        "chips": chips,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "batch": batch,
+        "inputs_length": inputs_length,
+        "targets_length": targets_length,
+        "remat": remat,
+        "scan_layers": scan,
+        "optimizer": optimizer,
+        "hbm_gib_per_device": round(hbm / gib, 2),
+        "params_gib_per_device": round(_bytes_per_device(layout.abstract.params, layout.shardings.params) / gib, 6),
+        "optimizer_state_gib_per_device": round(
+            _bytes_per_device(layout.abstract.opt_state, layout.shardings.opt_state) / gib, 6
+        ),
+        "model_flops_per_step_per_device": model_flops,
+        "tokens_per_step": tokens,
+        "roofline_step_s": round(model_flops / peak_per_device, 4),
+    }
     t0 = time.time()
-    compiled = step.lower(abstract_state, abstract_batch).compile()
+    try:
+        compiled = step.lower(abstract_state, abstract_batch).compile()
+    except Exception as e:  # the TPU compiler refuses programs that cannot fit: that is an answer, not a crash
+        msg = str(e).splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in msg and "HbmOom" not in msg:
+            raise
+        return {**row, "fits": False, "compiler_message": msg[:400], "compile_s": round(time.time() - t0, 1)}
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    hbm = CHIPS[gen]["hbm_gib"] * 2**30
-    params_b = _bytes_per_device(layout.abstract.params, layout.shardings.params)
-    opt_b = _bytes_per_device(layout.abstract.opt_state, layout.shardings.opt_state)
     args_b, temp_b = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
     out_b, alias_b = int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes)
     code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
     peak_b = args_b + out_b - alias_b + temp_b + code_b
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
     est = cost.get("optimal_seconds") if cost else None
-    gib = 2**30
     return {
-        "model": model, "topology": topology, "jax_topology": jax_name, "chips": chips, "devices": len(devices),
-        "mesh": dict(mesh.shape), "batch": batch, "inputs_length": inputs_length, "targets_length": targets_length,
-        "remat": remat, "scan_layers": scan, "optimizer": optimizer,
-        "params_gib_per_device": round(params_b / gib, 3), "optimizer_state_gib_per_device": round(opt_b / gib, 3),
-        "arguments_gib": round(args_b / gib, 3), "temporaries_gib": round(temp_b / gib, 3),
-        "peak_gib_per_device": round(peak_b / gib, 3), "hbm_gib_per_chip": CHIPS[gen]["hbm_gib"],
-        "fits": peak_b <= hbm, "flops_per_step_per_device": flops,
-        "estimated_step_s": float(est) if est is not None and est > 0 else None,
-        "roofline_step_s": round(flops / CHIPS[gen]["peak_flops"], 4) if flops else None,
+        **row,
+        "arguments_gib": round(args_b / gib, 3),
+        "temporaries_gib": round(temp_b / gib, 3),
+        "peak_gib_per_device": round(peak_b / gib, 3),
+        "fits": peak_b <= hbm,
+        # XLA counts a scanned loop's body once: with scan_layers this is per layer, not per step
+        "compiler_flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
+        "compiler_estimated_step_s": float(est) if est is not None and est > 0 else None,
         "compile_s": round(compile_s, 1),
     }
 
@@ -141,8 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for topo in a.topology:
         try:
-            rows.append(plan(a.model, topo, a.batch, a.inputs_length, a.targets_length, a.data, a.fsdp, a.model_parallel,
-                             a.remat, not a.no_scan, a.optimizer))
+            rows.append(
+                plan(
+                    a.model,
+                    topo,
+                    a.batch,
+                    a.inputs_length,
+                    a.targets_length,
+                    a.data,
+                    a.fsdp,
+                    a.model_parallel,
+                    a.remat,
+                    not a.no_scan,
+                    a.optimizer,
+                )
+            )
         except (ValueError, RuntimeError) as e:
             print(f"dss-plan: {topo}: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
@@ -150,12 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
-        verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-        print(f"{r['model']} on {r['topology']} ({r['chips']} chips, mesh {r['mesh']}), batch {r['batch']}: {verdict} "
-              f"— peak {r['peak_gib_per_device']} GiB of {r['hbm_gib_per_chip']} GiB per chip "
-              f"(params {r['params_gib_per_device']}, optimizer {r['optimizer_state_gib_per_device']}, "
-              f"temporaries {r['temporaries_gib']}); {r['flops_per_step_per_device']:.3g} FLOPs/step/device; "
-              f"estimated step {r['estimated_step_s'] or r['roofline_step_s']} s")
+        head = (
+            f"{r['model']} on {r['topology']} ({r['chips']} chips, {r['devices']} devices, mesh {r['mesh']}), batch {r['batch']}"
+        )
+        mem = f"params {r['params_gib_per_device']} + optimizer {r['optimizer_state_gib_per_device']} GiB/device"
+        if r["fits"]:
+            print(
+                f"{head}: FITS — peak {r['peak_gib_per_device']} of {r['hbm_gib_per_device']} GiB/device ({mem}, "
+                f"temporaries {r['temporaries_gib']}); {r['model_flops_per_step_per_device']:.3g} model FLOPs/step/device, "
+                f"roofline step {r['roofline_step_s']} s"
+            )
+        else:
+            reason = r.get("compiler_message") or f"peak {r['peak_gib_per_device']} GiB > {r['hbm_gib_per_device']} GiB"
+            print(f"{head}: DOES NOT FIT — {mem}; {reason}")
     return 0
 
 

@@ -158,7 +158,7 @@ def _dataset_fn(
     if split == "train" and opts.train_fraction < 1.0:
         idx = np.array([e.idx for e in source.examples("train")], np.int64)
         keep = tf.constant(idx[readers.training_subset(len(idx), opts.train_fraction, opts.subset_seed)])
-        ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["idx"], keep)))
+        ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["idx"], tf.int64), keep)))
     if shuffle_rows and split == "train":
         seed = opts.subset_seed if seed is None else seed
         ds = ds.shuffle(SOURCE_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)

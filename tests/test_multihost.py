@@ -14,9 +14,20 @@ MESH = ["--gin.partitioning.MeshConfig.data=2", "--gin.partitioning.MeshConfig.f
 
 
 def _train_cmd(model_dir, toy):
-    return [sys.executable, "-m", "dss_jax.train", f"--gin_file={GIN}", f"--model_dir={model_dir}", f"--gin.USER_TRAIN='{toy}'",
-            "--gin.TRAIN_STEPS=10", "--gin.train.train.checkpoint_every=10", "--gin.train.train.eval_every=10",
-            "--gin.train.train.evaluate_test=False", "--gin.train.train.input_shards=2", *MESH]
+    return [
+        sys.executable,
+        "-m",
+        "dss_jax.train",
+        f"--gin_file={GIN}",
+        f"--model_dir={model_dir}",
+        f"--gin.USER_TRAIN='{toy}'",
+        "--gin.TRAIN_STEPS=10",
+        "--gin.train.train.checkpoint_every=10",
+        "--gin.train.train.eval_every=10",
+        "--gin.train.train.evaluate_test=False",
+        "--gin.train.train.input_shards=2",
+        *MESH,
+    ]
 
 
 def _losses(model_dir):
@@ -26,9 +37,24 @@ def _losses(model_dir):
 
 def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl):
     multi, single = tmp_path / "multi", tmp_path / "single"
-    r = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "--num_processes", "2", "--devices_per_process", "4",
-                        "--log_dir", str(tmp_path / "logs"), "--timeout", "600", "--", *_train_cmd(multi, toy_jsonl)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "local.py"),
+            "--num_processes",
+            "2",
+            "--devices_per_process",
+            "4",
+            "--log_dir",
+            str(tmp_path / "logs"),
+            "--timeout",
+            "600",
+            "--",
+            *_train_cmd(multi, toy_jsonl),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     r = subprocess.run(_train_cmd(single, toy_jsonl), env=env, capture_output=True, text=True)

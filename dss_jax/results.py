@@ -1,0 +1,162 @@
+"""``dss-report``: collect model dirs into a CSV/markdown table and paper-style plots.
+
+    dss-report --root runs/sweep [--out runs/sweep/report]
+
+Reads each run's ``config.gin`` (method, label source, task weight a, data fraction, model size, seed) and
+``summary.json`` / ``test_metrics.json``; writes ``results.csv``, ``results.md``, and, with matplotlib,
+``accuracy_vs_data.png`` (accuracy against percent of training data, one line per method and a) and
+``accuracy_vs_size.png`` (accuracy against parameters, one line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+FIELDS = {
+    "benchmark": "pipeline.SeqioData.benchmark",
+    "method": "pipeline.SeqioData.method",
+    "label_source": "pipeline.SeqioData.label_source",
+    "alpha": "losses.LossConfig.alpha",
+    "train_fraction": "registry.DataOptions.train_fraction",
+    "seed": "train.train.seed",
+    "d_model": "model.T5Config.d_model",
+    "num_layers": "model.T5Config.num_encoder_layers",
+}
+
+
+# Values a run's config.gin leaves out because they were not bound: the configurables' defaults.
+DEFAULTS = {"method": "dss", "label_source": "gold", "alpha": 0.5, "train_fraction": 1.0, "seed": 0}
+
+
+def read_gin_values(path: Path) -> dict[str, Any]:
+    """``NAME = VALUE`` lines of an operative gin config (values parsed as literals, never evaluated)."""
+    out: dict[str, Any] = {}
+    macros: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        if "=" not in line or line.lstrip().startswith(("#", "from ", "import ")):
+            continue
+        name, value = (x.strip() for x in line.split("=", 1))
+        try:
+            parsed: Any = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = macros.get(value[1:], value) if value.startswith("%") else value
+        if "." not in name:
+            macros[name] = parsed
+        out[name] = parsed
+    return out
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    rows = []
+    for summary_file in sorted(root.glob("**/summary.json")):
+        d = summary_file.parent
+        gin_values = read_gin_values(d / "config.gin") if (d / "config.gin").exists() else {}
+        summary = json.loads(summary_file.read_text())
+        row: dict[str, Any] = {"run": str(d.relative_to(root))}
+        for k, name in FIELDS.items():
+            row[k] = gin_values.get(name, DEFAULTS.get(k))
+        cfg_file = d / "dss_config.json"
+        if cfg_file.exists():
+            import jax
+
+            from dss_jax.checkpoints import read_config
+            from dss_jax.trainer import abstract_boxed_params
+
+            row["params_m"] = round(
+                sum(x.size for x in jax.tree_util.tree_leaves(abstract_boxed_params(read_config(d)))) / 1e6, 2
+            )
+        val = summary.get("validation") or {}
+        test = summary.get("test") or {}
+        row["validation_accuracy"] = next((v for k, v in val.items() if k.endswith("/accuracy")), None)
+        row["test_accuracy"] = next((v for k, v in test.items() if k.endswith("/accuracy")), None)
+        row["best_step"] = summary.get("best_step")
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(rows[0]) if rows else ["run"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict[str, Any]], out: Path, metric: str = "test_accuracy") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    rows = [r for r in rows if r.get(metric) is not None or r.get("validation_accuracy") is not None]
+    if not rows:
+        return made
+    key = metric if any(r.get(metric) is not None for r in rows) else "validation_accuracy"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[str, list] = {}
+    for r in rows:
+        label = f"{r['method']}" + (f" (a={r['alpha']})" if r["method"] == "dss" else "")
+        groups.setdefault(label, []).append((100 * float(r["train_fraction"]), r[key]))
+    for label, pts in sorted(groups.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("% of training data")
+    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+    ax.set_title(f"{rows[0].get('benchmark') or ''}: accuracy vs training data")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_data.png", dpi=120)
+    made.append(out / "accuracy_vs_data.png")
+    plt.close(fig)
+    sized = [r for r in rows if r.get("params_m")]
+    if len({r["params_m"] for r in sized}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_method: dict[str, list] = {}
+        for r in sized:
+            by_method.setdefault(r["method"], []).append((r["params_m"], r[key]))
+        for m, pts in sorted(by_method.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("student parameters (M)")
+        ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_size.png", dpi=120)
+        made.append(out / "accuracy_vs_size.png")
+        plt.close(fig)
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dss-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="a folder of model dirs (a dss-sweep root)")
+    p.add_argument("--out", default=None, help="default: ROOT/report")
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    rows = collect(root)
+    if not rows:
+        print(f"dss-report: no finished runs (summary.json) under {root}", file=sys.stderr)
+        return 2
+    out = Path(a.out) if a.out else root / "report"
+    write_tables(rows, out)
+    made = plot(rows, out)
+    print((out / "results.md").read_text())
+    print("wrote " + ", ".join(str(x) for x in [out / "results.csv", out / "results.md", *made]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""dss-plan's AOT TPU compile verdicts, the TPU launcher's dry run, and a sweep turned into a report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytest.importorskip("libtpu", reason="dss-plan needs the tpu extra (libtpu)")
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _plan(*args):
+    r = subprocess.run([sys.executable, "-m", "dss_jax.plan", "--json", *args], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def test_plan_reports_a_fit_and_a_non_fit():
+    fits = _plan(
+        "--model",
+        "t5_1_1_tiny",
+        "--topology",
+        "v5e-4",
+        "v4-8",
+        "--batch",
+        "16",
+        "--inputs_length",
+        "128",
+        "--targets_length",
+        "32",
+        "--fsdp",
+        "4",
+    )
+    assert [r["fits"] for r in fits] == [True, True]
+    assert fits[0]["devices"] == 4 and fits[1]["devices"] == 8  # v4 shows each TensorCore as a device
+    assert 0 < fits[0]["peak_gib_per_device"] < fits[0]["hbm_gib_per_device"]
+    assert fits[0]["params_gib_per_device"] > 0 and fits[0]["model_flops_per_step_per_device"] > 0
+    big = _plan(
+        "--model",
+        "t5_1_1_tiny",
+        "--topology",
+        "v5e-1",
+        "--batch",
+        "512",
+        "--inputs_length",
+        "8192",
+        "--targets_length",
+        "1024",
+        "--remat",
+        "none",
+    )
+    assert big[0]["fits"] is False
+
+
+def test_plan_rejects_unknown_topologies():
+    r = subprocess.run(
+        [sys.executable, "-m", "dss_jax.plan", "--model", "t5_1_1_tiny", "--topology", "v9-8"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert r.returncode == 2 and "unknown topology 'v9-8'" in r.stderr
+
+
+def test_tpu_launcher_dry_run_prints_every_gcloud_step():
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "tpu_vm.py"),
+            "--name",
+            "dss",
+            "--zone",
+            "us-central2-b",
+            "--accelerator_type",
+            "v4-64",
+            "--queued",
+            "--dry_run",
+            "--",
+            "dss-train",
+            "--gin_file=runs/dss.gin",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    cmds = [x for x in r.stdout.splitlines() if not x.startswith("#")]
+    assert cmds[0].startswith("gcloud compute tpus queued-resources create dss")
+    assert sum("--worker=all" in c for c in cmds) == 3
+    assert "DSS_AUTO_DISTRIBUTED=1 dss-train --gin_file=runs/dss.gin" in cmds[-1]
+
+
+def test_sweep_then_report(tmp_path, toy_jsonl):
+    root = tmp_path / "sweep"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dss_jax.sweep",
+            f"--gin_file={REPO / 'tests' / 'gin' / 'tiny_user.gin'}",
+            f"--root={root}",
+            "--grid",
+            "losses.LossConfig.alpha=0.3,0.7",
+            "--grid",
+            "registry.DataOptions.train_fraction=0.5",
+            f"--gin.USER_TRAIN='{toy_jsonl}'",
+            "--gin.TRAIN_STEPS=4",
+            "--gin.train.train.eval_every=4",
+            "--gin.train.train.checkpoint_every=4",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["alpha=0.3,train_fraction=0.5", "alpha=0.7,train_fraction=0.5"]
+    r = subprocess.run([sys.executable, "-m", "dss_jax.results", f"--root={root}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (root / "report" / "results.md").read_text()
+    assert "| alpha=0.3,train_fraction=0.5 | toy | dss | gold | 0.30 | 0.50 |" in table
+    assert (root / "report" / "accuracy_vs_data.png").stat().st_size > 1000
+    assert len((root / "report" / "results.csv").read_text().splitlines()) == 3
