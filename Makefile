@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DSS_DATA_DIR ?= $(abspath ../shared/data/dss)
 export DSS_DATA_DIR
+# CPU jobs: with libtpu installed (test extra, for dss-plan) jax would otherwise probe for a TPU first.
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: setup quickstart test lint
 

@@ -32,18 +32,24 @@ class LossConfig:
 
 
 def token_losses(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0, z_loss: float = 0.0) -> jax.Array:
-    """Per-token cross entropy [batch, length] in float32, with optional label smoothing and z-loss."""
+    """Per-token cross entropy [batch, length] in float32, with optional label smoothing and z-loss.
+
+    Written without a one-hot of the targets: at T5's 32k vocabulary a [batch, length, vocab] one-hot
+    costs as much memory as the logits themselves.
+    """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_p = logits - log_z[..., None]
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / max(vocab - 1, 1)
-    target_dist = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
-    loss = -jnp.sum(target_dist * log_p, axis=-1)
-    if label_smoothing > 0:  # subtract the entropy of the smoothed target so a perfect model scores 0
-        normalizing = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-        loss = loss - normalizing
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    loss = log_z - target_logit
+    if label_smoothing > 0:
+        # target distribution: confidence on the target, `low` on every other class
+        confidence = 1.0 - label_smoothing
+        low = label_smoothing / max(vocab - 1, 1)
+        sum_log_p = jnp.sum(logits, axis=-1) - vocab * log_z
+        loss = (confidence - low) * loss - low * sum_log_p
+        # minus the smoothed target's entropy, so that a perfect model scores 0
+        loss = loss + confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20)
     if z_loss > 0:
         loss = loss + z_loss * jnp.square(log_z)
     return loss
