@@ -123,7 +123,9 @@ def train_step(
         tl = losses.token_losses(logits, mb["decoder_target_tokens"], loss_cfg.label_smoothing, loss_cfg.z_loss)
         mw = mb["decoder_loss_weights"].astype(jnp.float32)
         loss = losses.weighted_loss(tl, mw, mb["decoder_task_ids"], counts, loss_cfg)
-        plain = tl if not (loss_cfg.label_smoothing or loss_cfg.z_loss) else losses.token_losses(logits, mb["decoder_target_tokens"])
+        plain = (
+            tl if not (loss_cfg.label_smoothing or loss_cfg.z_loss) else losses.token_losses(logits, mb["decoder_target_tokens"])
+        )
         return loss, _task_sums(plain, mw, mb["decoder_task_ids"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
