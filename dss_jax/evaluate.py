@@ -13,6 +13,7 @@ binary) until ``--max_wait_s`` passes without a new one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -167,19 +168,19 @@ def main(argv: list[str] | None = None) -> int:
             spm = model_dir / "spiece.model"
             convert.save_hf(params, cfg, args.export_hf, spiece_model=spm if spm.exists() else None)
             print(f"exported {step_dir} to {args.export_hf}", file=sys.stderr)
+        evaluate = functools.partial(
+            evaluate_step_dir,
+            model_dir=model_dir,
+            data=data,
+            split=args.split,
+            out_dir=out_dir,
+            batch_size=args.batch_size,
+            num_beams=args.num_beams,
+            rationales=args.rationales,
+            max_decode_length=args.max_decode_length,
+        )
         if not args.continuous:
-            step_dir = checkpoints.resolve_step_dir(args.checkpoint or model_dir)
-            result = evaluate_step_dir(
-                step_dir,
-                model_dir,
-                data,
-                args.split,
-                out_dir,
-                args.batch_size,
-                args.num_beams,
-                args.rationales,
-                args.max_decode_length,
-            )
+            result = evaluate(checkpoints.resolve_step_dir(args.checkpoint or model_dir))
             print(json.dumps(result, indent=2))
             return 0
         seen: set[int] = set()
@@ -192,17 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 else []
             )
             for s in [s for s in steps if s not in seen]:
-                result = evaluate_step_dir(
-                    ckpts / str(s),
-                    model_dir,
-                    data,
-                    args.split,
-                    out_dir,
-                    args.batch_size,
-                    args.num_beams,
-                    args.rationales,
-                    args.max_decode_length,
-                )
+                result = evaluate(ckpts / str(s))
                 print(json.dumps(result), flush=True)
                 seen.add(s)
                 last_new = time.time()

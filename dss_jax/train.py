@@ -130,6 +130,12 @@ def write_run_files(model_dir: Path, model_config: T5Config, data: DataSource) -
         (model_dir / "inference.json").write_text(json.dumps(fmt(), indent=2) + "\n")
 
 
+def _restore_state(manager: ocp.CheckpointManager, step: int, layout: trainer.StateLayout) -> trainer.TrainState:
+    """The train state of ``step``, placed with this run's shardings (the saving mesh may differ)."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+
+
 def _data_ckpt_path(model_dir: Path, step: int) -> str:
     return str(model_dir / "data" / str(step) / f"process_{jax.process_index()}")
 
@@ -254,17 +260,7 @@ def train(
     )
     latest = manager.latest_step()
     if latest is not None:
-        restored = manager.restore(
-            latest,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(
-                    jax.tree.map(
-                        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
-                    )
-                )
-            ),
-        )
-        state = restored["state"]
+        state = _restore_state(manager, latest, layout)
         train_iter.restore(_data_ckpt_path(model_dir_p, latest))
         log.info("resumed from %s at step %d", model_dir_p / "checkpoints", latest)
     elif init_checkpoint:
@@ -353,18 +349,9 @@ def train(
     if evaluate_test and best is not None:
         test_sets = _equalize(data.eval_sets("test", local_batch, pid, nproc))
         if test_sets:
-            restored = manager.restore(
-                best,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(
-                        jax.tree.map(
-                            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
-                        )
-                    )
-                ),
-            )
+            best_state = _restore_state(manager, best, layout)
             with jax.set_mesh(mesh):
-                test = run_eval(eval_fn, restored["state"].params, test_sets, local_batch, bsharding)
+                test = run_eval(eval_fn, best_state.params, test_sets, local_batch, bsharding)
             summary["test"] = test
             summary["test_checkpoint"] = best
             if pid == 0:

@@ -79,3 +79,10 @@ def write_toy_jsonl(path: Path, n: int = 200, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def toy_jsonl(tmp_path_factory):
     return write_toy_jsonl(tmp_path_factory.mktemp("toy") / "toy_train.jsonl")
+
+
+def xla_env(devices: int) -> dict:
+    """The environment for a CLI subprocess with ``devices`` simulated CPU devices."""
+    import os
+
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}

@@ -1,21 +1,14 @@
 """dss-eval and dss-infer on real dss-train checkpoints, across meshes; export to Hugging Face."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_env
 
 GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
 
 
 def _train(model_dir, toy, devices, *extra):
@@ -33,7 +26,7 @@ def _train(model_dir, toy, devices, *extra):
         "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3",
         *extra,
     ]
-    r = subprocess.run(cmd, env=_env(devices), capture_output=True, text=True)
+    r = subprocess.run(cmd, env=xla_env(devices), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
     return evals[-1]["toy_label_gold/accuracy"]
@@ -42,7 +35,7 @@ def _train(model_dir, toy, devices, *extra):
 def _eval(model_dir, devices, *extra):
     r = subprocess.run(
         [sys.executable, "-m", "dss_jax.evaluate", f"--model_dir={model_dir}", *extra],
-        env=_env(devices),
+        env=xla_env(devices),
         capture_output=True,
         text=True,
     )
@@ -111,7 +104,7 @@ def test_infer_cli_handles_bad_input_and_matches_eval(trained_on_8, tmp_path):
             "--batch_size",
             "4",
         ],
-        env=_env(1),
+        env=xla_env(1),
         capture_output=True,
         text=True,
     )
@@ -140,7 +133,7 @@ def test_export_hf_loads_in_transformers_and_matches(trained_on_8, tmp_path):
     out = tmp_path / "hf"
     r = subprocess.run(
         [sys.executable, "-m", "dss_jax.evaluate", f"--model_dir={model_dir}", f"--export_hf={out}"],
-        env=_env(1),
+        env=xla_env(1),
         capture_output=True,
         text=True,
     )

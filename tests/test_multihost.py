@@ -2,12 +2,11 @@
 8-device run (same input shards), and the checkpoint they wrote restores in one process."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, xla_env
 
 GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
 MESH = ["--gin.partitioning.MeshConfig.data=2", "--gin.partitioning.MeshConfig.fsdp=2", "--gin.partitioning.MeshConfig.model=2"]
@@ -56,8 +55,7 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
         text=True,
     )
     assert r.returncode == 0, r.stderr[-4000:]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    r = subprocess.run(_train_cmd(single, toy_jsonl), env=env, capture_output=True, text=True)
+    r = subprocess.run(_train_cmd(single, toy_jsonl), env=xla_env(8), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)
     assert len(_losses(multi)) == 10

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_env
 
 pytest.importorskip("libtpu", reason="dss-plan needs the tpu extra (libtpu)")
 
@@ -113,7 +113,7 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        env=xla_env(1),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == ["alpha=0.3,train_fraction=0.5", "alpha=0.7,train_fraction=0.5"]

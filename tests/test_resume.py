@@ -2,7 +2,6 @@
 run ends (same parameters, same data order); a non-finite loss stops the run and keeps good checkpoints."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
-from conftest import REPO
+from conftest import REPO, xla_env
 
 GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
 
@@ -26,12 +25,6 @@ def _cmd(model_dir, toy, *extra):
         "--gin.train.train.evaluate_test=False",
         *extra,
     ]
-
-
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    return env
 
 
 def _params(model_dir, step):
@@ -57,7 +50,7 @@ def _train_steps_logged(model_dir):
 
 
 def _run_until(cmd, model_dir, steps, sig):
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, env=xla_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while _train_steps_logged(model_dir) < steps and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -69,7 +62,7 @@ def _run_until(cmd, model_dir, steps, sig):
 
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, toy_jsonl):
     ref = tmp_path / "ref"
-    r = subprocess.run(_cmd(ref, toy_jsonl), env=_env(), capture_output=True, text=True)
+    r = subprocess.run(_cmd(ref, toy_jsonl), env=xla_env(1), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
     run = tmp_path / "killed"
@@ -77,7 +70,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, toy_jsonl):
     assert code == -signal.SIGKILL
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) < 20  # it really died mid-run
-    r = subprocess.run(_cmd(run, toy_jsonl), env=_env(), capture_output=True, text=True)
+    r = subprocess.run(_cmd(run, toy_jsonl), env=xla_env(1), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
 
@@ -102,7 +95,9 @@ def test_sigterm_saves_at_that_step_and_resumes(tmp_path, toy_jsonl):
     assert code == 0, out[-3000:]
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and 3 <= saved[-1] < 20, saved
-    r = subprocess.run(_cmd(run, toy_jsonl, "--gin.train.train.checkpoint_every=100"), env=_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        _cmd(run, toy_jsonl, "--gin.train.train.checkpoint_every=100"), env=xla_env(1), capture_output=True, text=True
+    )
     assert r.returncode == 0 and f"at step {saved[-1]}" in r.stderr, r.stderr[-2000:]
 
 
@@ -115,7 +110,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy_jsonl):
             "--gin.optim.learning_rate_schedule.base_learning_rate=1e30",
             "--gin.optim.make_optimizer.grad_clip_norm=None",
         ),
-        env=_env(),
+        env=xla_env(1),
         capture_output=True,
         text=True,
     )
