@@ -202,3 +202,24 @@ def test_dss_data_cli_names_a_bad_file(tmp_path):
     f.write_text(f.read_text() + "{oops\n")
     r = subprocess.run([sys.executable, "-m", "dss_jax.tasks.report", "--user_jsonl", str(f)], capture_output=True, text=True)
     assert r.returncode == 2 and "t.jsonl:4: malformed JSON" in r.stderr
+
+
+def test_parse_failure_policy_drop_leaves_out_exactly_the_unparsed(registered):
+    import gin
+
+    from dss_jax.tasks import pipeline
+
+    def count(name):
+        ds = pipeline.get_dataset(
+            name, "validation", 128, 64, 64, pack=False, shuffle=False, seed=0, num_epochs=1, drop_remainder=False
+        )
+        return sum(int(b["encoder_input_tokens"].shape[0]) for b in ds)
+
+    kept = count("svamp_rationale")
+    gin.parse_config("registry.DataOptions.on_parse_failure = 'drop'")
+    try:
+        dropped = count("svamp_rationale")
+    finally:
+        gin.clear_config()
+    failures = sum(not e.parse_ok for e in readers.read_split(SHARED_DATA, "svamp", "validation"))
+    assert kept == 80 and failures > 0 and dropped == kept - failures
