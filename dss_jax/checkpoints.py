@@ -1,7 +1,9 @@
-"""Orbax checkpoints: pretrained parameter checkpoints (what training starts from, what export reads).
+"""Orbax checkpoints: pretrained parameter checkpoints, and parameters out of the trainer's checkpoints.
 
-A dss_jax *pretrained* checkpoint is a directory with ``params/`` (an Orbax PyTree of the unscanned,
-T5X-layout parameter tree), ``dss_config.json`` (the T5Config) and optionally ``spiece.model``.
+A dss_jax *pretrained* checkpoint (what training starts from) is a directory with ``params/`` (an Orbax
+PyTree of the unscanned, T5X-layout parameter tree), ``dss_config.json`` (the T5Config) and optionally
+``spiece.model``. A *trainer* checkpoint is ``<model_dir>/checkpoints/<step>/state`` (the whole train state);
+the eval, infer and export paths read only its parameters, onto any mesh.
 """
 
 from __future__ import annotations
@@ -75,10 +77,6 @@ def load_pretrained(path: str | os.PathLike, cfg: T5Config | None = None) -> tup
         params = stack_layers(params)
     spm = path / "spiece.model"
     return params, cfg, spm if spm.exists() else None
-
-
-def tree_shapes(tree: Any) -> Any:
-    return jax.tree.map(lambda x: tuple(x.shape), tree)
 
 
 def resolve_step_dir(path: str | os.PathLike) -> Path:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -224,8 +223,3 @@ def training_subset(n: int, fraction: float, seed: int) -> np.ndarray:
         raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
     k = max(1, round(fraction * n))
     return np.sort(np.random.default_rng(seed).permutation(n)[:k])
-
-
-def iter_examples(examples: list[Example]) -> Iterator[dict]:
-    for e in examples:
-        yield dataclasses.asdict(e)
