@@ -86,3 +86,21 @@ def xla_env(devices: int) -> dict:
     import os
 
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+TOY_GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
+
+
+def train_cmd(model_dir, toy, *extra: str) -> list[str]:
+    """``dss-train`` on the toy JSONL task with the tests' tiny gin config, plus extra flags."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "dss_jax.train",
+        f"--gin_file={TOY_GIN}",
+        f"--model_dir={model_dir}",
+        f"--gin.USER_TRAIN='{toy}'",
+        *extra,
+    ]

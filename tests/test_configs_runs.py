@@ -8,7 +8,6 @@ import gin
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
 
 from dss_jax import configs, optim
 
@@ -103,7 +102,7 @@ def test_optimizers_step_on_a_sharded_mesh(name):
 
 def test_training_starts_from_a_pretrained_checkpoint(tmp_path, toy_jsonl):
     """With learning rate 0, the trained parameters are exactly the converted pretrained ones."""
-    from conftest import xla_env
+    from conftest import train_cmd, xla_env
     from transformers import T5Config, T5ForConditionalGeneration
 
     from dss_jax import checkpoints, convert
@@ -125,20 +124,16 @@ def test_training_starts_from_a_pretrained_checkpoint(tmp_path, toy_jsonl):
         [sys.executable, "-m", "dss_jax.convert", "hf-to-dss", str(tmp_path / "hf"), str(tmp_path / "pre")], check=True
     )
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dss_jax.train",
-            f"--gin_file={REPO / 'tests' / 'gin' / 'tiny_user.gin'}",
-            f"--model_dir={tmp_path / 'run'}",
-            f"--gin.USER_TRAIN='{toy_jsonl}'",
+        train_cmd(
+            tmp_path / "run",
+            toy_jsonl,
             "--gin.TRAIN_STEPS=2",
             "--gin.train.train.eval_every=0",
             "--gin.train.train.evaluate_test=False",
             f"--gin.train.train.init_checkpoint='{tmp_path / 'pre'}'",
             "--gin.optim.learning_rate_schedule.base_learning_rate=0.0",
             "--gin.optim.learning_rate_schedule.warmup_steps=0",
-        ],
+        ),
         capture_output=True,
         text=True,
         env=xla_env(1),

@@ -6,26 +6,20 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, xla_env
-
-GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
+from conftest import train_cmd, xla_env
 
 
 def _train(model_dir, toy, devices, *extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dss_jax.train",
-        f"--gin_file={GIN}",
-        f"--model_dir={model_dir}",
-        f"--gin.USER_TRAIN='{toy}'",
+    cmd = train_cmd(
+        model_dir,
+        toy,
         "--gin.TRAIN_STEPS=60",
         "--gin.train.train.eval_every=60",
         "--gin.train.train.checkpoint_every=60",
         "--gin.train.train.log_every=20",
         "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3",
         *extra,
-    ]
+    )
     r = subprocess.run(cmd, env=xla_env(devices), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]

@@ -6,27 +6,22 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO, xla_env
+from conftest import REPO, train_cmd, xla_env
 
-GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
 MESH = ["--gin.partitioning.MeshConfig.data=2", "--gin.partitioning.MeshConfig.fsdp=2", "--gin.partitioning.MeshConfig.model=2"]
 
 
 def _train_cmd(model_dir, toy):
-    return [
-        sys.executable,
-        "-m",
-        "dss_jax.train",
-        f"--gin_file={GIN}",
-        f"--model_dir={model_dir}",
-        f"--gin.USER_TRAIN='{toy}'",
+    return train_cmd(
+        model_dir,
+        toy,
         "--gin.TRAIN_STEPS=10",
         "--gin.train.train.checkpoint_every=10",
         "--gin.train.train.eval_every=10",
         "--gin.train.train.evaluate_test=False",
         "--gin.train.train.input_shards=2",
         *MESH,
-    ]
+    )
 
 
 def _losses(model_dir):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, xla_env
+from conftest import REPO, TOY_GIN, xla_env
 
 pytest.importorskip("libtpu", reason="dss-plan needs the tpu extra (libtpu)")
 
@@ -100,7 +100,7 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
             sys.executable,
             "-m",
             "dss_jax.sweep",
-            f"--gin_file={REPO / 'tests' / 'gin' / 'tiny_user.gin'}",
+            f"--gin_file={TOY_GIN}",
             f"--root={root}",
             "--grid",
             "losses.LossConfig.alpha=0.3,0.7",

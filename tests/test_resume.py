@@ -4,27 +4,15 @@ run ends (same parameters, same data order); a non-finite loss stops the run and
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import orbax.checkpoint as ocp
-from conftest import REPO, xla_env
-
-GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
+from conftest import train_cmd, xla_env
 
 
 def _cmd(model_dir, toy, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "dss_jax.train",
-        f"--gin_file={GIN}",
-        f"--model_dir={model_dir}",
-        f"--gin.USER_TRAIN='{toy}'",
-        "--gin.train.train.evaluate_test=False",
-        *extra,
-    ]
+    return train_cmd(model_dir, toy, "--gin.train.train.evaluate_test=False", *extra)
 
 
 def _params(model_dir, step):

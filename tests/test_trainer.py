@@ -6,11 +6,9 @@ import gin
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import TOY_GIN as GIN
 
 from dss_jax import configs, losses, train
-
-GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
 
 
 def _train(tmp_path, name, toy, *bindings):
