@@ -104,40 +104,41 @@ def plot(rows: list[dict[str, Any]], out: Path, metric: str = "test_accuracy") -
     if not rows:
         return made
     key = metric if any(r.get(metric) is not None for r in rows) else "validation_accuracy"
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ylabel = f"{key.replace('_', ' ')} (%)"
     groups: dict[str, list] = {}
     for r in rows:
         label = f"{r['method']}" + (f" (a={r['alpha']})" if r["method"] == "dss" else "")
         groups.setdefault(label, []).append((100 * float(r["train_fraction"]), r[key]))
-    for label, pts in sorted(groups.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xlabel("% of training data")
-    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
-    ax.set_title(f"{rows[0].get('benchmark') or ''}: accuracy vs training data")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_data.png", dpi=120)
-    made.append(out / "accuracy_vs_data.png")
-    plt.close(fig)
+    title = f"{rows[0].get('benchmark') or ''}: accuracy vs training data"
+    made.append(_line_plot(plt, groups, "% of training data", ylabel, title, out / "accuracy_vs_data.png"))
     sized = [r for r in rows if r.get("params_m")]
     if len({r["params_m"] for r in sized}) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
         by_method: dict[str, list] = {}
         for r in sized:
             by_method.setdefault(r["method"], []).append((r["params_m"], r[key]))
-        for m, pts in sorted(by_method.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel("student parameters (M)")
-        ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_size.png", dpi=120)
-        made.append(out / "accuracy_vs_size.png")
-        plt.close(fig)
+        made.append(_line_plot(plt, by_method, "student parameters (M)", ylabel, None, out / "accuracy_vs_size.png", log_x=True))
     return made
+
+
+def _line_plot(
+    plt, groups: dict[str, list], xlabel: str, ylabel: str, title: str | None, path: Path, log_x: bool = False
+) -> Path:  # noqa: ANN001
+    """One line per group of (x, y) points, written to ``path``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in sorted(groups.items()):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
