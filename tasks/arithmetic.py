@@ -30,7 +30,13 @@ def evaluate(expression: str) -> float:
 
 def _eval(node: ast.AST) -> float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)
+        try:
+            v = float(node.value)  # an int of 309+ digits overflows here
+        except OverflowError:
+            raise UnsafeExpression("number out of range") from None
+        if not math.isfinite(v) or abs(v) > MAX_MAGNITUDE:  # 1e309 parses as inf
+            raise UnsafeExpression("number out of range")
+        return v
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _eval(node.operand)
         return -v if isinstance(node.op, ast.USub) else v
@@ -56,7 +62,7 @@ def try_evaluate(expression: str) -> float | None:
     """Value, or None for anything that is not a valid, finite arithmetic expression."""
     try:
         return evaluate(expression)
-    except (UnsafeExpression, ZeroDivisionError, RecursionError, MemoryError):
+    except (UnsafeExpression, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
         return None
 
 

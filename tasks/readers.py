@@ -60,10 +60,23 @@ def default_data_dir() -> Path:
     raise FileNotFoundError("no data dir: set DSS_DATA_DIR to the unzipped datasets of google-research/distilling-step-by-step")
 
 
-def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+def read_jsonl_lines(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line; errors name the file and the real line.
+
+    A UTF-8 byte-order mark is accepted; bytes that are not UTF-8, an empty file, malformed JSON, a non-object
+    line or a missing field are errors.
+    """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -75,8 +88,14 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             missing = [k for k in required if k not in row]
             if missing:
                 raise DataFormatError(f"{path}:{lineno}: missing field(s) {missing}; has {sorted(row)}")
-            rows.append(row)
+            rows.append((lineno, row))
+    if not rows:
+        raise DataFormatError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return rows
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    return [row for _, row in read_jsonl_lines(path, required)]
 
 
 def read_completions(llm_dir: Path, split: str, n_gold: int, batch_size: int, gold_file: Path) -> list[str] | None:
@@ -195,12 +214,14 @@ def read_split(data_dir: Path, benchmark: str, split: str) -> list[Example]:
 def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
     """Users' own data: JSON Lines with ``input``, ``label`` and optionally ``rationale`` and ``llm_label``."""
     path = Path(path)
-    rows = read_jsonl(path, ("input", "label"))
     out = []
-    for i, row in enumerate(rows):
+    for i, (lineno, row) in enumerate(read_jsonl_lines(path, ("input", "label"))):
         for key in ("input", "label", "rationale", "llm_label"):
             if key in row and not isinstance(row[key], str):
-                raise DataFormatError(f"{path}:{i + 1}: field {key!r} must be a string, got {type(row[key]).__name__}")
+                raise DataFormatError(f"{path}:{lineno}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        for key in ("input", "label"):
+            if not row[key].strip():
+                raise DataFormatError(f"{path}:{lineno}: field {key!r} is empty")
         has_teacher = "rationale" in row or "llm_label" in row
         out.append(
             Example(

@@ -1,7 +1,8 @@
 """TFDS builders over the paper's released files (manual dir), so splits are versioned, cached and fast.
 
 One builder config per benchmark. The prepared data lives under ``$DSS_TFDS_DIR`` (default
-``~/.cache/dss_jax/tfds``) in a folder keyed by the absolute data dir, so two data dirs never share a cache.
+``~/.cache/dss_jax/tfds``) in a folder keyed by the absolute data dir and by the name, size and modification time
+of every file of the benchmark, so two data dirs never share a cache and an edited file is prepared anew.
 """
 
 from __future__ import annotations
@@ -60,15 +61,21 @@ class DssBenchmark(tfds.core.GeneratorBasedBuilder):
             yield e.idx, dataclasses.asdict(e)
 
 
-def tfds_dir(data_dir: Path) -> Path:
+def tfds_dir(data_dir: Path, benchmark: str) -> Path:
+    """The prepared-data folder of one benchmark of ``data_dir``, keyed by its path and its files' stats."""
     base = Path(os.environ.get("DSS_TFDS_DIR", Path.home() / ".cache" / "dss_jax" / "tfds"))
-    key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
-    return base / key
+    h = hashlib.sha1(str(data_dir.resolve()).encode())
+    bench_dir = data_dir / benchmark
+    files = sorted(p for p in bench_dir.rglob("*") if p.is_file()) if bench_dir.is_dir() else []
+    for p in files:
+        st = p.stat()
+        h.update(f"\0{p.relative_to(bench_dir)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return base / f"{benchmark}-{h.hexdigest()[:12]}"
 
 
 def builder(benchmark: str, data_dir: Path | None = None) -> DssBenchmark:
     """The prepared builder for one benchmark (prepared on first use; download_and_prepare skips it after)."""
     data_dir = Path(data_dir) if data_dir is not None else readers.default_data_dir()
-    b = DssBenchmark(config=benchmark, data_dir=str(tfds_dir(data_dir)))
+    b = DssBenchmark(config=benchmark, data_dir=str(tfds_dir(data_dir, benchmark)))
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(data_dir)))
     return b

@@ -88,10 +88,21 @@ def test_evaluator_computes_arithmetic(expr, value):
         "",
         "1e308 * 10",
         "(1,2)",
+        "9" * 309,  # an int too large for a float: OverflowError before this was caught
+        "1e309",  # parses as inf
+        "-1e309 + 1",
+        "1e16",
     ],
 )
 def test_evaluator_rejects_everything_else(expr):
     assert arithmetic.try_evaluate(expr) is None
+
+
+def test_svamp_metric_never_raises_and_non_finite_is_wrong():
+    from dss_jax.tasks import registry
+
+    preds = ["9" * 309, "1e309", "( 2.0 + 2.0 )", "-" * 400, "\x00"]
+    assert registry.equation_accuracy(["( 4.0 )"] * 5, preds)["accuracy"] == 20.0
 
 
 def test_division_by_zero_scores_wrong_not_crash():

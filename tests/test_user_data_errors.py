@@ -1,0 +1,52 @@
+"""Users' JSONL that is broken in the ways real files are: every case names the file and the real line."""
+
+import pytest
+
+from dss_jax.tasks import readers
+
+
+def _write(tmp_path, data: bytes):
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(data)
+    return f
+
+
+def test_empty_file_is_named(tmp_path):
+    f = _write(tmp_path, b"")
+    with pytest.raises(readers.DataFormatError, match=r"train.jsonl: no examples"):
+        readers.read_user_jsonl(f)
+    f = _write(tmp_path, b"\n \n\n")
+    with pytest.raises(readers.DataFormatError, match=r"train.jsonl: no examples"):
+        readers.read_user_jsonl(f)
+
+
+def test_non_utf8_names_file_line_and_byte(tmp_path):
+    f = _write(tmp_path, b'{"input": "a", "label": "b"}\n{"input": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(readers.DataFormatError, match=r"train.jsonl:2: not UTF-8 \(byte 0xe9"):
+        readers.read_user_jsonl(f)
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    f = _write(tmp_path, b'\xef\xbb\xbf{"input": "a", "label": "b"}\n')
+    ex = readers.read_user_jsonl(f)
+    assert [(e.input, e.label) for e in ex] == [("a", "b")]
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    good = b'{"input": "a", "label": "b"}\n'
+    f = _write(tmp_path, good + b"\n\n" + good + b'{"input": "a", "label": 3}\n')
+    with pytest.raises(readers.DataFormatError, match=r"train.jsonl:5: field 'label' must be a string"):
+        readers.read_user_jsonl(f)
+    f = _write(tmp_path, good + b"\n" + b"{oops\n")
+    with pytest.raises(readers.DataFormatError, match=r"train.jsonl:3: malformed JSON"):
+        readers.read_user_jsonl(f)
+
+
+@pytest.mark.parametrize("field", ["input", "label"])
+def test_empty_strings_are_named(tmp_path, field):
+    row = {"input": "a", "label": "b", field: "  "}
+    import json
+
+    f = _write(tmp_path, b'{"input": "x", "label": "y"}\n' + json.dumps(row).encode() + b"\n")
+    with pytest.raises(readers.DataFormatError, match=rf"train.jsonl:2: field '{field}' is empty"):
+        readers.read_user_jsonl(f)
