@@ -1,6 +1,11 @@
 """dss_jax: distilling step-by-step (Hsieh et al., 2023) on JAX/Flax, TPU-native."""
 
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "dss_jax" / "__init__.py").read_text(), re.M)[1]
 
 # Versions checked together on Python 3.11 (see README). The core (model, partitioning, trainer, decoding)
 # needs only the first block; TensorFlow and seqio belong to the data layer.
@@ -28,7 +33,7 @@ DATA = [
 
 setup(
     name="dss_jax",
-    version="0.1.0",
+    version=VERSION,
     description="Distilling step-by-step: train small T5 students on LLM rationales with JAX/Flax",
     python_requires=">=3.10",
     packages=["dss_jax", "dss_jax.tasks", "dss_jax.gin_configs"],
@@ -40,8 +45,18 @@ setup(
         # torch==2.13.0 is the CPU build on this project's machines; a bare `torch` pulls a CUDA build.
         # libtpu: dss-plan's ahead-of-time TPU compiles (0.0.42.1, what jax[tpu]==0.10.2 pins, crashes
         # compiling FSDP + remat steps on a CPU host; 0.0.51 compiles them).
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "torch==2.13.0", "transformers==5.23.0",
-                 "libtpu==0.0.51", "matplotlib==3.11.2"],
+        "test": [
+            "pytest==9.2.0",
+            "pytest-xdist==3.8.0",
+            "ruff==0.17.6",
+            "torch==2.13.0",
+            "transformers==5.23.0",
+            "libtpu==0.0.51",
+            "matplotlib==3.11.2",
+            "build==1.6.1",
+        ],
+        # launch/tpu_vm.py builds the sdist it ships to the TPU workers with the `build` frontend.
+        "launch": ["build==1.6.1"],
         "tpu": ["libtpu==0.0.51"],
         "gpu": ["jax[cuda12]==0.10.2"],
         "plot": ["matplotlib==3.11.2"],

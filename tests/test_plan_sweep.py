@@ -123,3 +123,50 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
     assert "| alpha=0.3,train_fraction=0.5 | toy | dss | gold | 0.30 | 0.50 |" in table
     assert (root / "report" / "accuracy_vs_data.png").stat().st_size > 1000
     assert len((root / "report" / "results.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "accel, runtime",
+    [
+        ("v4-64", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-32", "v2-alpha-tpuv5"),
+        ("v6e-8", "v2-alpha-tpuv6e"),
+    ],
+)
+def test_tpu_launcher_picks_the_documented_runtime_per_generation(accel, runtime):
+    r = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "tpu_vm.py"), "--name", "d", "--zone", "z", "--accelerator_type", accel]
+        + ["--dry_run", "--", "dss-train"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"--version={runtime}" in r.stdout.splitlines()[1]
+
+
+def test_tpu_launcher_sdist_installs_into_a_fresh_venv(tmp_path):
+    """The sdist the launcher ships, built by its own command, installs with the package, its gin files and CLIs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tpu_vm", REPO / "launch" / "tpu_vm.py")
+    tpu_vm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tpu_vm)
+    dist = tmp_path / "dist"
+    r = subprocess.run(tpu_vm.sdist_command(dist), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sdist = dist / f"dss_jax-{tpu_vm.package_version()}.tar.gz"
+    assert sdist.exists(), sorted(p.name for p in dist.iterdir())
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(sdist)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    site = next((venv / "lib").glob("python*/site-packages"))
+    for rel in (
+        "dss_jax/train.py",
+        "dss_jax/tasks/registry.py",
+        "dss_jax/gin_configs/runs/dss.gin",
+        "dss_jax/gin_configs/models/t5_1_1_base.gin",
+    ):
+        assert (site / rel).exists(), rel
+    assert (venv / "bin" / "dss-train").exists() and (venv / "bin" / "dss-eval").exists()
