@@ -30,6 +30,8 @@ DATA = [
     "sentencepiece==0.2.3",
     "importlib_resources==7.1.0",  # tensorflow-datasets imports it without declaring it
 ]
+SERVE = ["fastapi==0.163.2", "uvicorn==0.54.0"]
+TEACHER = ["openai==3.51.0"]
 
 setup(
     name="dss_jax",
@@ -54,7 +56,13 @@ setup(
             "libtpu==0.0.51",
             "matplotlib==3.11.2",
             "build==1.6.1",
+            "httpx==0.28.1",
+            *SERVE,
+            *TEACHER,
         ],
+        # dss-serve (OpenAI-compatible HTTP server) and dss-teacher (OpenAI-compatible client).
+        "serve": SERVE,
+        "teacher": TEACHER,
         # launch/tpu_vm.py builds the sdist it ships to the TPU workers with the `build` frontend.
         "launch": ["build==1.6.1"],
         "tpu": ["libtpu==0.0.51"],
@@ -72,6 +80,8 @@ setup(
             "dss-plan=dss_jax.plan:main",
             "dss-sweep=dss_jax.sweep:main",
             "dss-report=dss_jax.results:main",
+            "dss-serve=dss_jax.serve:main",
+            "dss-teacher=dss_jax.teacher:main",
         ]
     },
 )
