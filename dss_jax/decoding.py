@@ -19,23 +19,19 @@ Array = jax.Array
 
 
 def _init_cache(model: T5, params: Any, encoded: Array, enc_seg: Array, batch: int, max_len: int) -> Any:
-    """Zero cache of the right shapes, found with eval_shape so no full-length forward pass runs."""
-
-    def init() -> Any:
-        _, variables = model.apply(
-            {"params": params},
-            encoded,
-            enc_seg,
-            jnp.zeros((batch, max_len), jnp.int32),
-            decode=True,
-            max_decode_length=max_len,
-            method=T5.decode,
-            mutable=["cache"],
-        )
-        return variables["cache"]
-
-    shapes = jax.eval_shape(init)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    """The decode cache: empty self-attention slots for ``max_len`` tokens, and the cross-attention keys and
+    values of ``encoded``, computed here once (a one-token pass) instead of at every generated token."""
+    _, variables = model.apply(
+        {"params": params},
+        encoded,
+        enc_seg,
+        jnp.zeros((batch, 1), jnp.int32),
+        decode=True,
+        max_decode_length=max_len,
+        method=T5.decode,
+        mutable=["cache"],
+    )
+    return variables["cache"]
 
 
 def _filter_logits(logits: Array, temperature: float, top_k: int, top_p: float) -> Array:
@@ -132,12 +128,14 @@ def _gather_beams(tree: Any, beam_idx: Array, batch: int, beams: int, batch_axis
     """Reorders the flattened (batch * beams) axis of every cache leaf by the chosen parent beams."""
     flat_idx = (jnp.arange(batch)[:, None] * beams + beam_idx).reshape(-1)
 
-    def gather(x: Array) -> Array:
+    def gather(path: tuple, x: Array) -> Array:
         if x.ndim <= batch_axis or x.shape[batch_axis] != batch * beams:
             return x  # cache indices and markers
+        if any("cross_" in str(getattr(p, "key", "")) for p in path):
+            return x  # the encoder's keys/values are the same for every beam of an input: nothing to reorder
         return jnp.take(x, flat_idx, axis=batch_axis)
 
-    return jax.tree.map(gather, tree)
+    return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "num_beams", "alpha"))
@@ -150,9 +148,9 @@ def beam_search(
     """
     model = T5(config)
     batch, k, vocab = encoder_input_tokens.shape[0], num_beams, config.vocab_size
-    enc_in = jnp.repeat(encoder_input_tokens, k, axis=0)
-    enc_seg = (enc_in != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, enc_in, enc_seg, method=T5.encode)
+    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)  # once per input
+    encoded, enc_seg = jnp.repeat(encoded, k, axis=0), jnp.repeat(enc_seg, k, axis=0)
     cache = _init_cache(model, params, encoded, enc_seg, batch * k, max_decode_length)
     cache_axis = 1 if config.scan_layers else 0
     neg = jnp.array(-1e9, jnp.float32)

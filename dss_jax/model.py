@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from dss_jax import attention as attn
+from dss_jax.attention import relative_position_bucket  # noqa: F401  (re-exported: model.relative_position_bucket)
 
 Array = jax.Array
 
@@ -51,13 +53,29 @@ class T5Config:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = False
+    # attention (dss_jax.attention): "auto" picks per backend; blocks bound memory to O(length)
+    attention_impl: str = "auto"
+    attention_q_block: int = 512
+    attention_k_block: int = 512
 
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers"):
+        if self.attention_impl not in attn.IMPLS:
+            raise ValueError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {attn.IMPLS}")
+        for name in (
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_heads",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "attention_q_block",
+            "attention_k_block",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
 
@@ -82,25 +100,6 @@ class T5Config:
 
 def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
-
-
-def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
-    """T5's bucketing of ``key_pos - query_pos``: exact for small distances, logarithmic up to max_distance."""
-    buckets = jnp.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
-        n = jnp.abs(relative_position)
-    else:
-        n = -jnp.minimum(relative_position, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    n_float = jnp.maximum(n, 1).astype(jnp.float32)
-    large = max_exact + (jnp.log(n_float / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(
-        jnp.int32
-    )
-    large = jnp.minimum(large, num_buckets - 1)
-    return buckets + jnp.where(is_small, n, large)
 
 
 class RMSNorm(nn.Module):
@@ -142,46 +141,47 @@ class Dense(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """Bucketed relative position bias, one table per stack shared by all its layers (as in T5)."""
+    """The bucketed relative-position table [heads, buckets], one per stack, shared by all its layers (as in T5).
+
+    Attention turns it into a bias block by block (``dss_jax.attention``), never at [batch, heads, q, k].
+    """
 
     num_buckets: int
-    max_distance: int
     num_heads: int
-    bidirectional: bool
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, q_positions: Array, k_positions: Array) -> Array:
-        """Returns the bias [1 or batch, heads, q_len, k_len] for the given absolute positions."""
-        table = self.param(
+    def __call__(self) -> Array:
+        return self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
             (self.num_heads, self.num_buckets),
             self.param_dtype,
         )
-        rel = k_positions[..., None, :] - q_positions[..., :, None]
-        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)  # [heads, (b,) q, k]
-        if bias.ndim == 3:
-            return bias[None]
-        return jnp.moveaxis(bias, 0, 1)
 
 
 class Attention(nn.Module):
     """Multi-head dot-product attention without 1/sqrt(d) scaling (T5 folds it into the query init).
 
-    With ``decode=True`` the keys and values of earlier steps live in the ``cache`` collection: the first
-    call (at init) only creates the cache, later calls take one token and append to it.
+    ``bias`` says whether the relative-position table applies and whether it is causal; masks come from
+    segment ids and positions (``dss_jax.attention``). With ``decode=True`` self-attention keeps earlier
+    steps' keys and values in the ``cache`` collection (``max_decode_length`` slots); cross-attention
+    (``cross=True``) computes the encoder's keys and values once, on the call that creates the cache, and
+    reads them from the cache at every later step.
     """
 
     config: T5Config
+    bias: attn.Bias
+    cross: bool = False
+    max_decode_length: int | None = None
 
     @nn.compact
     def __call__(
         self,
         inputs_q: Array,
         inputs_kv: Array,
-        bias: Array,
+        table: Array | None,
+        pos: tuple[Array, Array, Array, Array],
         deterministic: bool = True,
         decode: bool = False,
     ) -> Array:
@@ -189,20 +189,31 @@ class Attention(nn.Module):
         dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         inner = cfg.num_heads * cfg.d_kv
         dense = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
-        q = dense(inner, ("embed", "joined_kv"), init_scale=1.0 / cfg.d_kv, name="query")(inputs_q)
-        k = dense(inner, ("embed", "joined_kv"), name="key")(inputs_kv)
-        v = dense(inner, ("embed", "joined_kv"), name="value")(inputs_kv)
 
         def split(x: Array) -> Array:
             x = x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv))
             return nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
 
-        q, k, v = split(q), split(k), split(v)
+        def project_kv() -> tuple[Array, Array]:
+            k = dense(inner, ("embed", "joined_kv"), name="key")(inputs_kv)
+            v = dense(inner, ("embed", "joined_kv"), name="value")(inputs_kv)
+            return split(k), split(v)
 
-        if decode:
+        q = split(dense(inner, ("embed", "joined_kv"), init_scale=1.0 / cfg.d_kv, name="query")(inputs_q))
+        if decode and self.cross:
+            if self.has_variable("cache", "cross_key"):  # every step after the first: no projection
+                k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+            else:
+                k, v = project_kv()
+                self.put_variable("cache", "cross_key", k)
+                self.put_variable("cache", "cross_value", v)
+        else:
+            k, v = project_kv()
+        if decode and not self.cross:
             is_initialized = self.has_variable("cache", "cached_key")
-            cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-            cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+            shape = (k.shape[0], self.max_decode_length or k.shape[1]) + k.shape[2:]
+            cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+            cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
             cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
             if is_initialized:
                 if q.shape[1] != 1:
@@ -214,13 +225,24 @@ class Attention(nn.Module):
                 cached_key.value, cached_value.value = k, v
                 cache_index.value = i + 1
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores + bias.astype(jnp.float32)
-        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        if not deterministic and cfg.dropout_rate > 0:
-            weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        rng = self.make_rng("dropout") if (not deterministic and cfg.dropout_rate > 0) else None
+        impl = attn.resolve_impl(cfg.attention_impl, cfg.dtype)
+        if impl == "cudnn" and rng is None:
+            out = attn.cudnn_attention(q, k, v, table, self.bias, *pos)
+        else:
+            out = attn.attention(
+                q,
+                k,
+                v,
+                table,
+                self.bias,
+                *pos,
+                q_block=cfg.attention_q_block,
+                k_block=cfg.attention_k_block,
+                dropout_rng=rng,
+                dropout_rate=cfg.dropout_rate,
+            )
+        out = nn.with_logical_constraint(out.astype(dtype), ("batch", "length", "heads", "kv"))
         out = out.reshape(out.shape[:2] + (inner,))
         return dense(cfg.d_model, ("joined_kv", "embed"), name="out")(out)
 
@@ -248,17 +270,21 @@ def _constrain(x: Array) -> Array:
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def _bias(cfg: T5Config, bidirectional: bool, causal: bool = False) -> attn.Bias:
+    return attn.Bias(bidirectional, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, causal)
+
+
 class EncoderLayer(nn.Module):
     config: T5Config
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, table: Array, pos: Array, seg: Array) -> tuple[Array, None]:
         cfg, deterministic = self.config, self.deterministic
         norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
         drop = nn.Dropout(cfg.dropout_rate)
         h = norm(name="pre_attention_layer_norm")(x)
-        h = Attention(cfg, name="attention")(h, h, bias, deterministic)
+        h = Attention(cfg, _bias(cfg, True), name="attention")(h, h, table, (pos, pos, seg, seg), deterministic)
         x = _constrain(x + drop(h, deterministic=deterministic))
         h = norm(name="pre_mlp_layer_norm")(x)
         h = MLP(cfg, name="mlp")(h, deterministic)
@@ -270,17 +296,23 @@ class DecoderLayer(nn.Module):
     config: T5Config
     deterministic: bool = True
     decode: bool = False
+    max_decode_length: int | None = None
 
     @nn.compact
-    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, encoded: Array, table: Array, self_pos: tuple, cross_pos: tuple) -> tuple[Array, None]:
         cfg, deterministic, decode = self.config, self.deterministic, self.decode
         norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
         drop = nn.Dropout(cfg.dropout_rate)
         h = norm(name="pre_self_attention_layer_norm")(x)
-        h = Attention(cfg, name="self_attention")(h, h, self_bias, deterministic, decode)
+        self_attn = Attention(
+            cfg, _bias(cfg, False, causal=True), max_decode_length=self.max_decode_length, name="self_attention"
+        )
+        h = self_attn(h, h, table, self_pos, deterministic, decode)
         x = _constrain(x + drop(h, deterministic=deterministic))
         h = norm(name="pre_cross_attention_layer_norm")(x)
-        h = Attention(cfg, name="encoder_decoder_attention")(h, encoded, cross_bias, deterministic)
+        h = Attention(cfg, _bias(cfg, True), cross=True, name="encoder_decoder_attention")(
+            h, encoded, None, cross_pos, deterministic, decode
+        )
         x = _constrain(x + drop(h, deterministic=deterministic))
         h = norm(name="pre_mlp_layer_norm")(x)
         h = MLP(cfg, name="mlp")(h, deterministic)
@@ -317,11 +349,6 @@ def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int, carry: Ar
     return carry
 
 
-def _mask_bias(mask: Array) -> Array:
-    """[batch, q, k] boolean mask -> additive bias [batch, 1, q, k]."""
-    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
-
-
 def _segments(tokens: Array, segment_ids: Array | None) -> Array:
     return (tokens != 0).astype(jnp.int32) if segment_ids is None else segment_ids
 
@@ -334,21 +361,13 @@ class Encoder(nn.Module):
     def __call__(self, tokens: Array, segment_ids: Array | None = None, deterministic: bool = True) -> Array:
         cfg = self.config
         seg = _segments(tokens, segment_ids)
-        length = tokens.shape[1]
-        pos = jnp.arange(length, dtype=jnp.int32)
-        relpos = RelativePositionBias(
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-            cfg.num_heads,
-            bidirectional=True,
-            param_dtype=_dtype(cfg.param_dtype),
-            name="relpos_bias",
-        )(pos, pos)
-        mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-        bias = relpos + _mask_bias(mask)
+        pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        table = RelativePositionBias(
+            cfg.relative_attention_num_buckets, cfg.num_heads, _dtype(cfg.param_dtype), name="relpos_bias"
+        )()
         x = self.embedder(tokens).astype(_dtype(cfg.dtype))
         x = _constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
-        x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, x, (bias,), deterministic=deterministic)
+        x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, x, (table, pos, seg), deterministic=deterministic)
         x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype), name="encoder_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -376,36 +395,26 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         batch, length = decoder_input_tokens.shape
-        relpos = RelativePositionBias(
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-            cfg.num_heads,
-            bidirectional=False,
-            param_dtype=_dtype(cfg.param_dtype),
-            name="relpos_bias",
-        )
+        table = RelativePositionBias(
+            cfg.relative_attention_num_buckets, cfg.num_heads, _dtype(cfg.param_dtype), name="relpos_bias"
+        )()
         if decode and self.has_variable("cache", "decode_marker"):
             assert max_decode_length is not None and decoder_positions is not None
-            k_pos = jnp.arange(max_decode_length, dtype=jnp.int32)
-            self_bias = relpos(decoder_positions, k_pos)  # [b, h, 1, max_len]
-            causal = k_pos[None, None, :] <= decoder_positions[:, :, None]
-            self_bias = self_bias + _mask_bias(causal)
-            dec_seg = jnp.ones((batch, 1), jnp.int32)
+            q_pos, dec_seg = decoder_positions, jnp.ones((batch, 1), jnp.int32)
+            self_pos = (
+                q_pos,
+                jnp.arange(max_decode_length, dtype=jnp.int32)[None],
+                dec_seg,
+                jnp.ones((batch, max_decode_length), jnp.int32),
+            )
         else:
             if decode:
                 self.variable("cache", "decode_marker", lambda: jnp.zeros((), jnp.int32))
-            pos = jnp.arange(length, dtype=jnp.int32)
-            self_bias = relpos(pos, pos)
-            mask = jnp.tril(jnp.ones((length, length), bool))[None]
-            if decoder_segment_ids is not None:
-                mask = mask & (decoder_segment_ids[:, :, None] == decoder_segment_ids[:, None, :])
-            self_bias = self_bias + _mask_bias(jnp.broadcast_to(mask, (batch, length, length)))
+            q_pos = jnp.arange(length, dtype=jnp.int32)[None]
             dec_seg = decoder_segment_ids if decoder_segment_ids is not None else jnp.ones((batch, length), jnp.int32)
-        if decoder_segment_ids is not None:
-            cross_mask = decoder_segment_ids[:, :, None] == encoder_segment_ids[:, None, :]
-        else:
-            cross_mask = (dec_seg[:, :, None] > 0) & (encoder_segment_ids[:, None, :] > 0)
-        cross_bias = _mask_bias(cross_mask)
+            self_pos = (q_pos, q_pos, dec_seg, dec_seg)
+        enc_pos = jnp.zeros((1, encoded.shape[1]), jnp.int32)  # cross-attention has no position bias
+        cross_pos = (q_pos, enc_pos, dec_seg, encoder_segment_ids)
 
         x = self.embedder(decoder_input_tokens).astype(_dtype(cfg.dtype))
         x = _constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
@@ -414,9 +423,10 @@ class Decoder(nn.Module):
             cfg,
             cfg.num_decoder_layers,
             x,
-            (encoded, self_bias, cross_bias),
+            (encoded, table, self_pos, cross_pos),
             deterministic=deterministic,
             decode=decode,
+            max_decode_length=max_decode_length if decode else None,
         )
         x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg.dtype), _dtype(cfg.param_dtype), name="decoder_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)

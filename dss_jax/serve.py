@@ -259,10 +259,6 @@ def _chat_input(body: dict) -> str:
 
 def build_app(service: StudentService) -> Any:
     """The FastAPI app over ``service``."""
-    import json
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

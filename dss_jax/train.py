@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dss_jax import checkpoints, configs, losses, optim, partitioning, trainer
+from dss_jax import batching, checkpoints, configs, losses, optim, partitioning, trainer
 from dss_jax.model import T5Config
 
 log = logging.getLogger("dss_jax.train")
@@ -138,6 +138,12 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, layout: trainer.St
 
 def _data_ckpt_path(model_dir: Path, step: int) -> str:
     return str(model_dir / "data" / str(step) / f"process_{jax.process_index()}")
+
+
+def _local_rows_multiple(bsharding: Any, microbatches: int, nproc: int) -> int:
+    """Rows a process's batch must be a multiple of, so the global batch splits over devices and microbatches."""
+    dp = math.prod(bsharding.mesh.shape[a] for a in ("data", "fsdp"))
+    return max(1, dp * microbatches // nproc)
 
 
 def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -258,6 +264,9 @@ def train(
     train_iter: Any = ShardedIterator(
         [data.train_iterator(local_batch // per, seed, s, shards) for s in range(pid * per, (pid + 1) * per)]
     )
+    repacker = data.repacker(_local_rows_multiple(bsharding, microbatches, nproc)) if hasattr(data, "repacker") else None
+    if repacker is not None:
+        train_iter = batching.RepackingIterator(train_iter, repacker)
     latest = manager.latest_step()
     if latest is not None:
         state = _restore_state(manager, latest, layout)

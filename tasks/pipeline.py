@@ -17,6 +17,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from dss_jax import batching
 from dss_jax.tasks import registry
 
 
@@ -129,6 +130,9 @@ class SeqioData:
     """The default data source of ``dss-train``: registers a benchmark's (or a user's) tasks with the run's
     vocabulary and serves the training task's batches and the evaluation sets.
 
+    ``batching`` ("padded", "bucketed", "packed"; ``dss_jax.batching``) removes the padding of unpacked training
+    batches while keeping exactly the examples of each step; it needs ``pack=False``.
+
     Evaluation sets: ``eval_task`` (label accuracy and loss, human labels) and, for DSS, the rationale task
     (rationale loss), on the validation or test split; unpacked, so each row is one example.
     """
@@ -141,12 +145,20 @@ class SeqioData:
     inputs_length: int = 1024
     targets_length: int = 256
     pack: bool = True
+    batching: str = "padded"
     user_train_file: str | None = None
     user_validation_file: str | None = None
     user_test_file: str | None = None
     max_eval_examples: int | None = None
 
     def __post_init__(self) -> None:
+        if self.batching not in batching.MODES:
+            raise ValueError(f"SeqioData.batching={self.batching!r}; expected one of {batching.MODES}")
+        if self.batching != "padded" and self.pack:
+            raise ValueError(
+                f"SeqioData.batching={self.batching!r} removes padding from unpacked rows: set SeqioData.pack=False "
+                "(seqio's packing changes how many inputs a step holds)"
+            )
         if self.user_train_file:
             registry.register_user_data(
                 self.benchmark, self.vocabulary, self.user_train_file, self.user_validation_file, self.user_test_file
@@ -178,6 +190,12 @@ class SeqioData:
         return train_batches(
             self.task, self.inputs_length, self.targets_length, batch_size, self.pack, seed, shard_id, num_shards
         )
+
+    def repacker(self, rows_multiple: int) -> batching.Repacker | None:
+        """Removes padding from each training batch (``batching``); None when the batches stay padded."""
+        if self.batching == "padded":
+            return None
+        return batching.Repacker(self.batching, self.inputs_length, self.targets_length, rows_multiple=rows_multiple)
 
     def eval_sets(self, split: str, batch_size: int, shard_id: int, num_shards: int) -> dict[str, list[dict[str, np.ndarray]]]:
         out = {}

@@ -20,7 +20,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, toy_jsonl):
     d = tmp_path_factory.mktemp("serve") / "toy_student"
-    cmd = train_cmd(d, toy_jsonl, "--gin.TRAIN_STEPS=60", "--gin.train.train.eval_every=60", "--gin.train.train.checkpoint_every=60")
+    cmd = train_cmd(
+        d, toy_jsonl, "--gin.TRAIN_STEPS=60", "--gin.train.train.eval_every=60", "--gin.train.train.checkpoint_every=60"
+    )
     cmd += ["--gin.optim.learning_rate_schedule.base_learning_rate=3e-3"]
     r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

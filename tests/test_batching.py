@@ -1,0 +1,108 @@
+"""Steps without padding: the packed/bucketed step sees the padded step's examples and computes its loss."""
+
+import collections
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from dss_jax import batching, losses, partitioning, trainer
+from dss_jax.model import T5Config
+
+
+@pytest.fixture(scope="module")
+def padded_batches(toy_jsonl, tmp_path_factory):
+    """Real seqio DSS batches (16 rows = 8 inputs x label and rationale), unpacked and padded to 64/48."""
+    os.environ.setdefault("DSS_TFDS_DIR", str(tmp_path_factory.mktemp("tfds")))
+    from dss_jax.tasks import pipeline, vocab
+
+    v = vocab.get_vocabulary(train_on=str(toy_jsonl), vocab_size=200)
+    data = pipeline.SeqioData(
+        benchmark="toybatch", method="dss", vocabulary=v, inputs_length=64, targets_length=48, pack=False,
+        batching="packed", user_train_file=str(toy_jsonl),
+    )  # fmt: skip
+    it = data.train_iterator(16, seed=0, shard_id=0, num_shards=1)
+    return [next(it) for _ in range(4)], data
+
+
+def _pairs(b):
+    """The multiset of (encoder tokens, target tokens, task) of a batch's real sequences, packed or not."""
+    out = []
+    enc_seg = b.get("encoder_segment_ids", (b["encoder_input_tokens"] != 0).astype(np.int32))
+    dec_seg = b.get("decoder_segment_ids", (b["decoder_loss_weights"] > 0).astype(np.int32))
+    for r in range(b["encoder_input_tokens"].shape[0]):
+        for s in sorted(set(enc_seg[r][enc_seg[r] > 0])):
+            e = tuple(b["encoder_input_tokens"][r][enc_seg[r] == s])
+            t = tuple(b["decoder_target_tokens"][r][dec_seg[r] == s])
+            out.append((e, t, int(b["decoder_task_ids"][r][dec_seg[r] == s][0])))
+    return collections.Counter(out)
+
+
+@pytest.mark.parametrize("mode", ["bucketed", "packed"])
+def test_same_examples_fewer_tokens_and_few_shapes(padded_batches, mode):
+    batches, _ = padded_batches
+    rp = batching.Repacker(mode, 64, 48, rows_multiple=4, rows_bucket=4)
+    shapes = set()
+    for b in batches:
+        out = rp(b)
+        assert _pairs(out) == _pairs(b)
+        n = out["encoder_input_tokens"].shape[0]
+        shapes.add((n, out["encoder_input_tokens"].shape[1], out["decoder_target_tokens"].shape[1]))
+        assert n % 4 == 0 and out["encoder_input_tokens"].shape[1] in batching.LENGTH_BUCKETS
+        if mode == "packed":
+            assert n < 16  # several sequences per row
+            assert out["encoder_positions"].max() < out["encoder_input_tokens"].shape[1]
+    s = rp.stats()
+    assert s["real_tokens"] <= s["computed_tokens"] < s["padded_tokens"] * (0.6 if mode == "bucketed" else 0.35)
+
+
+def _cfg():
+    return T5Config(
+        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+        dropout_rate=0.0, dtype="float32",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["bucketed", "packed"])
+def test_repacked_step_equals_the_padded_step(padded_batches, mode):
+    jax.config.update("jax_default_matmul_precision", "highest")
+    batches, _ = padded_batches
+    cfg = _cfg()
+    tx = optax.sgd(1.0)  # the update is the gradient: compare gradients, not Adam's sign-like first step
+    mc = partitioning.MeshConfig(data=1, fsdp=1, model=1)
+    mesh = partitioning.make_mesh(mc, jax.devices()[:1])
+    layout = trainer.state_layout(cfg, tx, mesh, mc.rules)
+    state0 = trainer.init_state(cfg, tx, layout, seed=0)
+    step = jax.jit(
+        lambda s, b: trainer.train_step(
+            s, b, cfg=cfg, tx=tx, loss_cfg=losses.LossConfig(), microbatches=1, seed_key=jax.random.PRNGKey(0)
+        )
+    )
+    rp = batching.Repacker(mode, 64, 48, rows_multiple=1, rows_bucket=2)
+    for b in batches[:2]:
+        s1, m1 = step(state0, b)
+        s2, m2 = step(state0, rp(b))
+        for k in ("loss", "label_loss", "rationale_loss", "grad_norm", "target_tokens"):
+            np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
+        for a, c, p in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params), jax.tree.leaves(state0.params)):
+            g1, g2 = np.asarray(p) - np.asarray(c), np.asarray(p) - np.asarray(a)
+            np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-5 * float(np.abs(g1).max()))
+
+
+def test_truncated_examples_are_counted_and_pack_needs_unpacked_rows(padded_batches):
+    _, data = padded_batches
+    from dss_jax.tasks import pipeline
+
+    with pytest.raises(ValueError, match="set SeqioData.pack=False"):
+        pipeline.SeqioData(benchmark="toybatch", method="dss", vocabulary=data.vocabulary, pack=True, batching="packed",
+                           user_train_file=None)  # fmt: skip
+    with pytest.raises(ValueError, match="expected one of"):
+        batching.Repacker("squeezed")
+    b = dict(padded_batches[0][0])
+    b["encoder_input_tokens"] = b["encoder_input_tokens"].copy()
+    b["encoder_input_tokens"][3, :] = 5  # a row that fills all 64 input tokens: the pipeline cut it
+    rp = batching.Repacker("packed", 64, 48)
+    out = rp(b)
+    assert rp.stats()["at_length_limit"] == 1 and out["encoder_input_tokens"].shape[1] == 64
