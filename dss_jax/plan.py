@@ -82,6 +82,8 @@ def plan(
     scan: bool = True,
     optimizer: str = "adamw",
     dtype: str = "bfloat16",
+    microbatches: int = 1,
+    attention_block: int = 512,
 ) -> dict[str, Any]:
     import jax
     import optax
@@ -92,13 +94,20 @@ def plan(
     gen, jax_name, chips = parse_topology(topology)
     topo = topologies.get_topology_desc(platform="tpu", topology_name=jax_name)
     devices = topo.devices
-    cfg = configs.model_config(model, dtype=dtype, remat_policy=remat, scan_layers=scan)
+    cfg = configs.model_config(
+        model,
+        dtype=dtype,
+        remat_policy=remat,
+        scan_layers=scan,
+        attention_q_block=attention_block,
+        attention_k_block=attention_block,
+    )
     tx = optax.adamw(5e-5) if optimizer == "adamw" else optax.adafactor(1e-3)
     mesh_cfg = partitioning.MeshConfig(data=data, fsdp=fsdp, model=model_parallel)
     mesh = partitioning.make_mesh(mesh_cfg, devices)
     layout = trainer.state_layout(cfg, tx, mesh, mesh_cfg.rules)
     bsh = partitioning.batch_sharding(mesh, mesh_cfg.rules)
-    step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), 1, 0, layout, bsh, mesh)
+    step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), microbatches, 0, layout, bsh, mesh)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
     )
@@ -126,6 +135,8 @@ def plan(
         "inputs_length": inputs_length,
         "targets_length": targets_length,
         "remat": remat,
+        "microbatches": microbatches,
+        "attention_block": attention_block,
         "scan_layers": scan,
         "optimizer": optimizer,
         "hbm_gib_per_device": round(hbm / gib, 2),
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remat", default="full", choices=["none", "full", "minimal"])
     p.add_argument("--no_scan", action="store_true", help="unroll layers (slower to compile)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
+    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation slices of the batch")
+    p.add_argument("--attention_block", type=int, default=512, help="query/key block of the attention")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = []
@@ -199,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     a.remat,
                     not a.no_scan,
                     a.optimizer,
+                    microbatches=a.microbatches,
+                    attention_block=a.attention_block,
                 )
             )
         except (ValueError, RuntimeError) as e:

@@ -9,6 +9,7 @@ config), ``test_metrics.json`` (the test split, scored once, for the checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -179,6 +180,46 @@ def _equalize(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return out
 
 
+class RateMeter:
+    """Examples/s and real (non-padding) tokens/s between log steps, measured after the device finished them.
+
+    Reading the metrics at a log step waits for the device, so the window ends where the work ended; time spent
+    in evaluation and checkpointing (``paused``) is left out.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self.excluded = 0.0
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        keys = ("label_sequences", "rationale_sequences", "target_tokens", "nonpad_input_tokens")
+        self.pending.append({k: metrics[k] for k in keys if k in metrics})
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.excluded += time.time() - t
+
+    def read(self) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for m in jax.device_get(self.pending):
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        dt = max(time.time() - self.t0 - self.excluded, 1e-9)
+        inputs = sums.get("label_sequences", 0.0) or sums.get("rationale_sequences", 0.0)
+        out = {
+            "steps_per_sec": len(self.pending) / dt,
+            "examples_per_sec": inputs / dt,
+            "real_tokens_per_sec": (sums.get("target_tokens", 0.0) + sums.get("nonpad_input_tokens", 0.0)) / dt,
+        }
+        self.pending, self.t0, self.excluded = [], time.time(), 0.0
+        return out
+
+
 class MetricsWriter:
     """metrics.jsonl and TensorBoard, from process 0 only."""
 
@@ -308,7 +349,7 @@ def train(
         from tqdm import tqdm
 
         pbar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    t0, tokens_since = time.time(), 0.0
+    rate = RateMeter()
     last_loss = jax.numpy.zeros(())
     try:
         with jax.set_mesh(mesh):
@@ -316,6 +357,7 @@ def train(
                 batch = partitioning.global_batch(next(train_iter), bsharding)
                 state, metrics = step_fn(state, batch)
                 last_loss = metrics["loss"]
+                rate.add(metrics)
                 done = step + 1
                 if done % log_every == 0 or done == num_steps:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -324,25 +366,25 @@ def train(
                             f"loss is {m['loss']} at step {done}; stopping. The last good checkpoint is step {saved_step} "
                             f"in {model_dir_p / 'checkpoints'} (lower the learning rate or check the data)."
                         )
-                    dt = time.time() - t0
-                    tokens_since += m["target_tokens"]
-                    m["steps_per_sec"] = log_every / dt if dt > 0 else 0.0
+                    m.update(rate.read())
                     writer.write(done, "train", m)
                     last_metrics = m
-                    t0 = time.time()
                     if pbar is not None:
-                        pbar.set_postfix(loss=f"{m['loss']:.4f}")
+                        pbar.set_postfix(
+                            loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.1f}", tok_s=f"{m['real_tokens_per_sec']:.0f}"
+                        )
                 eval_now = eval_every and (done % eval_every == 0 or done == num_steps)
                 eval_metrics = None
-                if eval_now:
-                    eval_metrics = run_eval(eval_fn, state.params, eval_sets, local_batch, bsharding)
-                    writer.write(done, "eval", eval_metrics)
-                    last_eval = eval_metrics
-                    log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in eval_metrics.items()}))
-                if pbar is not None:
-                    pbar.update(1)
-                if eval_now or done % checkpoint_every == 0 or done == num_steps or stop.signum is not None:
-                    save(done, eval_metrics)
+                with rate.paused():
+                    if eval_now:
+                        eval_metrics = run_eval(eval_fn, state.params, eval_sets, local_batch, bsharding)
+                        writer.write(done, "eval", eval_metrics)
+                        last_eval = eval_metrics
+                        log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in eval_metrics.items()}))
+                    if pbar is not None:
+                        pbar.update(1)
+                    if eval_now or done % checkpoint_every == 0 or done == num_steps or stop.signum is not None:
+                        save(done, eval_metrics)
                 if stop.signum is not None:
                     manager.wait_until_finished()
                     log.warning("stopped by signal %d at step %d; rerun the same command to resume", stop.signum, done)

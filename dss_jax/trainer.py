@@ -101,6 +101,27 @@ def _task_sums(tl: jax.Array, w: jax.Array, tids: jax.Array) -> dict[str, jax.Ar
     }
 
 
+def _sequence_counts(batch: Batch) -> dict[str, jax.Array]:
+    """Label and rationale sequences in a batch (packed rows hold several): for examples/s."""
+    tids = batch["decoder_task_ids"]
+    seg = batch.get("decoder_segment_ids", (batch["decoder_loss_weights"] > 0).astype(jnp.int32))
+    prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+    start = (seg > 0) & (seg != prev)
+    return {
+        "label_sequences": jnp.sum(start & (tids == 1)).astype(jnp.float32),
+        "rationale_sequences": jnp.sum(start & (tids == 2)).astype(jnp.float32),
+    }
+
+
+def _strided_split(x: jax.Array, k: int, sharding: NamedSharding | None) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] with slice i = rows i, i + k, ...: a device's rows stay on that device."""
+    y = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    if sharding is None:
+        return y
+    spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+    return jax.lax.with_sharding_constraint(y, NamedSharding(sharding.mesh, spec))
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -110,8 +131,14 @@ def train_step(
     loss_cfg: losses.LossConfig,
     microbatches: int,
     seed_key: jax.Array,
+    batch_sharding: NamedSharding | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step (gradients accumulated over ``microbatches`` slices of the batch)."""
+    """One optimizer step (gradients accumulated over ``microbatches`` slices of the batch).
+
+    Microbatch i is rows i, i + k, i + 2k, ... of the batch: every device's contiguous shard holds rows of
+    every microbatch, so each microbatch runs on all devices with 1/k of their rows (no gather of the batch).
+    ``batch_sharding`` pins each slice to the batch's sharding.
+    """
     model = T5(cfg)
     rng = jax.random.fold_in(seed_key, state.step)
     w = batch["decoder_loss_weights"].astype(jnp.float32)
@@ -132,11 +159,13 @@ def train_step(
     if microbatches == 1:
         (loss, aux), grads = grad_fn(state.params, batch, rng)
     else:
-        mbs = jax.tree.map(lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
+        mbs = jax.tree.map(functools.partial(_strided_split, k=microbatches, sharding=batch_sharding), batch)
 
         def body(carry: tuple, xs: tuple) -> tuple:
             g_acc, l_acc, a_acc = carry
             mb, i = xs
+            if batch_sharding is not None:
+                mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
             (mb_loss, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + mb_loss, jax.tree.map(jnp.add, a_acc, a)), None
 
@@ -153,6 +182,7 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         "target_tokens": counts["all"],
         "nonpad_input_tokens": jnp.sum(batch["encoder_input_tokens"] != 0).astype(jnp.float32),
+        **_sequence_counts(batch),
     }
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -204,7 +234,13 @@ def jit_train_step(
     mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     fn = functools.partial(
-        train_step, cfg=cfg, tx=tx, loss_cfg=loss_cfg, microbatches=microbatches, seed_key=jax.random.PRNGKey(seed)
+        train_step,
+        cfg=cfg,
+        tx=tx,
+        loss_cfg=loss_cfg,
+        microbatches=microbatches,
+        seed_key=jax.random.PRNGKey(seed),
+        batch_sharding=batch_sharding,
     )
     return jax.jit(
         fn,

@@ -120,3 +120,37 @@ def test_bad_mesh_and_unknown_axis_names_fail_clearly():
         partitioning.make_mesh(partitioning.MeshConfig(data=3, fsdp=3, model=1))
     with pytest.raises(ValueError, match="without a partitioning rule: \\['mystery'\\]"):
         partitioning.validate_names({"w": jax.sharding.PartitionSpec("embed", "mystery")}, partitioning.DEFAULT_RULES)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_microbatches_split_every_devices_rows_without_gathering_the_batch(k):
+    """On 8 data-parallel devices each microbatch holds batch / 8 / k rows per device and nothing is all-gathered."""
+    from common_batches import toy_batch
+
+    from dss_jax import optim, partitioning, trainer
+    from dss_jax.model import T5Config
+
+    cfg = T5Config(
+        vocab_size=64, d_model=24, d_kv=8, d_ff=48, num_heads=3, num_encoder_layers=1, num_decoder_layers=1,
+        dropout_rate=0.0, dtype="float32",
+    )  # fmt: skip
+    tx = optim.make_optimizer("adamw", learning_rate=1e-3)
+    mc = partitioning.MeshConfig(data=8, fsdp=1, model=1)
+    mesh = partitioning.make_mesh(mc)
+    layout = trainer.state_layout(cfg, tx, mesh, mc.rules)
+    bsh = partitioning.batch_sharding(mesh, mc.rules)
+    batch = toy_batch(64, 40, 12, cfg.vocab_size)
+    with jax.set_mesh(mesh):
+        state = trainer.init_state(cfg, tx, layout, 0)
+        gbatch = partitioning.global_batch(batch, bsh)
+        step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), k, 0, layout, bsh, mesh)
+        hlo = step.lower(state, gbatch).compile().as_text()
+        _, metrics = step(state, gbatch)
+        state1 = trainer.init_state(cfg, tx, layout, 0)
+        _, ref = trainer.jit_train_step(cfg, tx, losses.LossConfig(), 1, 0, layout, bsh, mesh)(state1, gbatch)
+    assert "all-gather" not in hlo
+    rows = 64 // 8 // k
+    assert f"f32[{rows},40,24]" in hlo  # the encoder's activations: this device's rows of one microbatch
+    assert f"f32[{64 // k},40,24]" not in hlo
+    for key in ("loss", "label_loss", "rationale_loss", "grad_norm"):
+        np.testing.assert_allclose(metrics[key], ref[key], rtol=1e-5)
