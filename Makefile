@@ -20,9 +20,13 @@ $(VENV)/.installed: setup.py $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# DSS on CommonsenseQA with a tiny T5 from scratch, then validation and test accuracy, on CPU.
+# DSS on e-SNLI with a tiny T5 from scratch, then standard finetuning with the same inputs per step, steps and
+# seed; each run prints its table (train subset / validation / test, trivial baselines), then both side by side.
+QS ?= runs/quickstart
 quickstart: setup
-	$(BIN)/dss-train --gin_file=runs/quickstart.gin --model_dir=$(or $(MODEL_DIR),runs/quickstart)
+	$(BIN)/dss-train --gin_file=runs/quickstart.gin --model_dir=$(QS)/dss
+	$(BIN)/dss-train --gin_file=runs/quickstart_finetune.gin --model_dir=$(QS)/finetune
+	$(BIN)/dss-report --runs $(QS)/dss $(QS)/finetune
 
 test: setup
 	$(BIN)/ruff check dss_jax tasks tests bench launch

@@ -112,6 +112,31 @@ def model_config(name: str, **overrides: object) -> T5Config:
     return T5Config(**{**bindings, **overrides})
 
 
+def quiet_data_layer_imports() -> None:
+    """Imports TensorFlow and friends with fd 2 closed: their C++ start-up lines (CUDA probes on a CPU machine,
+    absl's pre-init warning) bypass Python logging and TF_CPP_MIN_LOG_LEVEL. Errors still raise."""
+    import importlib
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        for name in ("tensorflow", "tensorflow_text", "tensorflow_datasets", "seqio"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass  # the data layer's own import reports it where it is needed
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")  # the input pipeline runs on the host; accelerators are JAX's
+    except ImportError:
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def setup_logging() -> None:
     """INFO from dss_jax to stderr (absl may already own the root logger); quieter third-party loggers."""
     lg = logging.getLogger("dss_jax")

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dss_jax import batching, checkpoints, configs, losses, optim, partitioning, trainer
+from dss_jax import batching, checkpoints, configs, losses, optim, partitioning, run_report, scoring, trainer
 from dss_jax.model import T5Config
 
 log = logging.getLogger("dss_jax.train")
@@ -39,7 +39,7 @@ class DataSource(Protocol):
     def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]: ...
 
     def eval_sets(
-        self, split: str, batch_size: int, shard_id: int, num_shards: int
+        self, split: str, batch_size: int, shard_id: int, num_shards: int, max_examples: int | None = -1
     ) -> dict[str, list[dict[str, np.ndarray]]]: ...
 
 
@@ -267,12 +267,15 @@ def train(
     loss_config: losses.LossConfig | None = None,
     progress: bool = True,
     input_shards: int | None = None,
+    report_train_examples: int = 1000,
 ) -> dict[str, Any]:
     """Trains ``model_config`` on ``data`` for ``num_steps`` steps of ``batch_size`` sequences (global).
 
     Resumes from the latest checkpoint in ``model_dir`` (state and data position); otherwise starts from
     ``init_checkpoint`` (a dss_jax pretrained dir: parameters only, fresh optimizer) or from scratch.
     Each process reads ``input_shards / processes`` shards of the training data (default: one per process).
+    At the end the checkpoint selected on validation is scored on a fixed train subset (the first
+    ``report_train_examples``), the whole validation and the whole test split with the task's own metric.
     Returns the final summary (also written to ``model_dir/summary.json``).
     """
     model_dir_p = Path(model_dir).resolve()
@@ -325,6 +328,7 @@ def train(
     stop = _StopFlag()
     metric_key = f"{data.selection_task}/accuracy"
     last_metrics: dict[str, float] = {}
+    first_metrics: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     saved_step = latest if latest is not None else -1
 
@@ -368,6 +372,7 @@ def train(
                         )
                     m.update(rate.read())
                     writer.write(done, "train", m)
+                    first_metrics = first_metrics or m
                     last_metrics = m
                     if pbar is not None:
                         pbar.set_postfix(
@@ -378,6 +383,9 @@ def train(
                 with rate.paused():
                     if eval_now:
                         eval_metrics = run_eval(eval_fn, state.params, eval_sets, local_batch, bsharding)
+                        eval_metrics = scoring.use_task_metric(
+                            eval_metrics, state.params, model_config, data, "validation", eval_sets, local_batch, bsharding
+                        )
                         writer.write(done, "eval", eval_metrics)
                         last_eval = eval_metrics
                         log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in eval_metrics.items()}))
@@ -395,19 +403,37 @@ def train(
         manager.wait_until_finished()
 
     summary: dict[str, Any] = {"step": num_steps, "train": last_metrics, "validation": last_eval}
+    summary["losses_first_last"] = {
+        k: [first_metrics.get(k), last_metrics.get(k)] for k in ("label_loss", "rationale_loss") if k in last_metrics
+    }
     best = manager.best_step()
     summary["best_step"] = best
     if evaluate_test and best is not None:
-        test_sets = _equalize(data.eval_sets("test", local_batch, pid, nproc))
-        if test_sets:
-            best_state = _restore_state(manager, best, layout)
+        best_state = _restore_state(manager, best, layout)
+        summary["splits"] = {}
+        for split, limit in (("train", report_train_examples), ("validation", None), ("test", None)):
+            if split == "train" and not report_train_examples:
+                continue
+            sets = _equalize(data.eval_sets(split, local_batch, pid, nproc, limit))
+            if not sets:
+                continue
             with jax.set_mesh(mesh):
-                test = run_eval(eval_fn, best_state.params, test_sets, local_batch, bsharding)
-            summary["test"] = test
+                tf_metrics = run_eval(eval_fn, best_state.params, sets, local_batch, bsharding)
+                row = scoring.split_report(best_state.params, model_config, data, split, sets, tf_metrics, local_batch, bsharding)
+                if split == "test":
+                    summary["test"] = scoring.use_task_metric(
+                        tf_metrics, best_state.params, model_config, data, split, sets, local_batch, bsharding
+                    )
+            summary["splits"][split] = row
+        if hasattr(data, "baselines"):
+            split = "test" if "test" in summary["splits"] else "validation"
+            summary["baselines"] = {"split": split, **data.baselines(split)}
+        if "test" in summary:
             summary["test_checkpoint"] = best
             if pid == 0:
-                (model_dir_p / "test_metrics.json").write_text(json.dumps({"step": best, **test}, indent=2) + "\n")
+                (model_dir_p / "test_metrics.json").write_text(json.dumps({"step": best, **summary["test"]}, indent=2) + "\n")
     if pid == 0:
+        run_report.plot_losses(model_dir_p)
         (model_dir_p / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     writer.close()
     manager.close()
@@ -418,13 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("Flags: --gin_file=FILE (repeatable), --gin.NAME=VALUE (repeatable), --model_dir=DIR.")
+        print("Flags: --gin_file=FILE (repeatable), --gin.NAME=VALUE (repeatable), --model_dir=DIR, --verbose")
+        print("(--verbose keeps TensorFlow's and XLA's start-up messages, hidden by default).")
         print("Run gin files: " + ", ".join(sorted(p.name for p in (configs.GIN_DIR / "runs").glob("*.gin"))))
         return 0
     files, bindings, rest = configs.split_gin_args(argv)
-    model_dir = None
+    model_dir, verbose = None, False
     for arg in rest:
-        if arg.startswith("--model_dir="):
+        if arg == "--verbose":
+            verbose = True
+        elif arg.startswith("--model_dir="):
             model_dir = arg.split("=", 1)[1]
         else:
             print(f"dss-train: unknown flag {arg!r} (see --help)", file=sys.stderr)
@@ -432,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("dss-train: --gin_file is required (see --help)", file=sys.stderr)
         return 2
+    if not verbose:
+        configs.quiet_data_layer_imports()
     configs.setup_logging()
     partitioning.maybe_initialize_distributed()
     configs.parse_gin(files, bindings)
@@ -451,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "stopped_at" in summary:
         return 0
-    print(
-        json.dumps({"validation": summary.get("validation"), "test": summary.get("test"), "model_dir": str(model_dir)}, indent=2)
-    )
+    print(run_report.format_table(summary, Path(model_dir).resolve()))
     return 0
 
 

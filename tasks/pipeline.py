@@ -197,7 +197,57 @@ class SeqioData:
             return None
         return batching.Repacker(self.batching, self.inputs_length, self.targets_length, rows_multiple=rows_multiple)
 
-    def eval_sets(self, split: str, batch_size: int, shard_id: int, num_shards: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    @property
+    def source(self) -> registry.Source:
+        return registry.SOURCES[self.benchmark]
+
+    @property
+    def needs_decoding(self) -> bool:
+        """True when the task's metric is not exact match of the label text (SVAMP: equation value)."""
+        return registry.metric_fns_for(self.source.benchmark) != [registry.accuracy]
+
+    def split_size(self, split: str) -> int:
+        return len(self.source.examples(split)) if split in self.source.splits else 0
+
+    def baselines(self, split: str) -> dict[str, float]:
+        from dss_jax.tasks import baselines
+
+        return baselines.baselines(self.source.benchmark, self.source.examples("train"), self.source.examples(split))
+
+    def detokenize(self, tokens: np.ndarray) -> list[str]:
+        """Decoded label rows (ids after EOS dropped) -> text."""
+        eos = self.vocabulary.eos_id
+        out = []
+        for row in np.asarray(tokens).tolist():
+            row = row[: row.index(eos)] if eos in row else row
+            out.append(self.vocabulary.decode([t for t in row if 0 < t < self.vocabulary.vocab_size]))
+        return out
+
+    def score(self, split: str, predictions: list[str]) -> dict[str, float]:
+        """The task's own metric (and the listed-choice share for multiple choice) of decoded label texts, in the
+        order of the selection task's unshuffled examples (the first ``len(predictions)`` of the split)."""
+        from dss_jax.tasks import baselines
+
+        examples = eval_examples(self.selection_task, split)[: len(predictions)]
+        task = seqio.get_mixture_or_task(self.selection_task)
+        targets = [registry.postprocess_label(e["targets_pretokenized"], e, is_target=True) for e in examples]
+        preds = [registry.postprocess_label(p) for p in predictions]
+        out: dict[str, float] = {}
+        for fn in task.metric_fns:
+            out.update(fn(targets, preds))
+        inputs = [e["inputs_pretokenized"].decode("utf-8", errors="replace") for e in examples]
+        share = baselines.listed_choice_share(self.source.benchmark, inputs, preds)
+        if share is not None:
+            out["listed_choice_share"] = share
+        return out
+
+    def eval_sets(
+        self, split: str, batch_size: int, shard_id: int, num_shards: int, max_examples: int | None = -1
+    ) -> dict[str, list[dict[str, np.ndarray]]]:
+        """Unpacked eval batches per eval task. ``max_examples=-1``: ``max_eval_examples`` on validation and the
+        whole split otherwise (the test split is always scored in full)."""
+        if max_examples == -1:
+            max_examples = self.max_eval_examples if split == "validation" else None
         out = {}
         for name in self.eval_tasks:
             if split not in seqio.get_mixture_or_task(name).splits:
@@ -215,7 +265,7 @@ class SeqioData:
                 shard_id=shard_id,
                 num_shards=num_shards,
                 drop_remainder=False,
-                max_examples=self.max_eval_examples,
+                max_examples=max_examples,
             )
             out[name] = [{k: v.numpy() for k, v in b.items()} for b in ds]
         return out

@@ -303,9 +303,13 @@ def _tail(task_id: int) -> list:
     return [_tokenize_with_segment_b, seqio.preprocessors.append_eos_after_trim, _add_task_ids(task_id)]
 
 
+SOURCES: dict[str, Source] = {}  # name -> where its examples come from (for split sizes and baselines)
+
+
 def register_source(source: Source, vocabulary: seqio.Vocabulary) -> list[str]:
     """Registers every task and mixture of one benchmark or user dataset; returns their names."""
     b = source.name
+    SOURCES[b] = source
     names = []
 
     def add(name: str, kind: str, prefix: str, label_key: str, task_id: int, needs_teacher: bool) -> None:
