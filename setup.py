@@ -31,7 +31,6 @@ DATA = [
     "importlib_resources==7.1.0",  # tensorflow-datasets imports it without declaring it
 ]
 SERVE = ["fastapi==0.163.2", "uvicorn==0.54.0"]
-TEACHER = ["openai==3.51.0"]
 
 setup(
     name="dss_jax",
@@ -58,11 +57,9 @@ setup(
             "build==1.6.1",
             "httpx==0.28.1",
             *SERVE,
-            *TEACHER,
         ],
-        # dss-serve (OpenAI-compatible HTTP server) and dss-teacher (OpenAI-compatible client).
+        # dss-serve: the student behind an OpenAI-compatible HTTP API.
         "serve": SERVE,
-        "teacher": TEACHER,
         # launch/tpu_vm.py builds the sdist it ships to the TPU workers with the `build` frontend.
         "launch": ["build==1.6.1"],
         "tpu": ["libtpu==0.0.51"],
@@ -81,7 +78,6 @@ setup(
             "dss-sweep=dss_jax.sweep:main",
             "dss-report=dss_jax.results:main",
             "dss-serve=dss_jax.serve:main",
-            "dss-teacher=dss_jax.teacher:main",
         ]
     },
 )

@@ -70,9 +70,29 @@ class _QuietGinIncludes(logging.Filter):
         return not record.getMessage().startswith("Path not found:")
 
 
+def _tolerant_gin_file_checks() -> None:
+    """gin's package-path reader raises TypeError on an include like 'runs/x.gin' when a folder ``runs/`` in the
+    working dir imports as a namespace package (python -m from the repo root, next to runs/quickstart/): treat
+    that as "not there" so the search path finds the file."""
+    readers = gin.config._FILE_READERS  # noqa: SLF001 - gin offers no public way to wrap a registered reader
+    for i, (reader, exists) in enumerate(readers):
+        if getattr(exists, "tolerant", False):
+            continue
+
+        def tolerant(path: str, _exists=exists) -> bool:  # noqa: ANN001
+            try:
+                return _exists(path)
+            except TypeError:
+                return False
+
+        tolerant.tolerant = True
+        readers[i] = (reader, tolerant)
+
+
 def parse_gin(files: list[str], bindings: list[str], finalize: bool = True) -> None:
     """Parses gin files (looked up in the working dir, then gin/) and bindings, with errors naming them."""
     logging.getLogger().addFilter(_QuietGinIncludes())
+    _tolerant_gin_file_checks()
     for p in _search_paths():
         gin.add_config_file_search_path(p)
     resolved = []

@@ -404,7 +404,9 @@ def train(
 
     summary: dict[str, Any] = {"step": num_steps, "train": last_metrics, "validation": last_eval}
     summary["losses_first_last"] = {
-        k: [first_metrics.get(k), last_metrics.get(k)] for k in ("label_loss", "rationale_loss") if k in last_metrics
+        k: [first_metrics.get(k), last_metrics.get(k)]
+        for k, n in (("label_loss", "label_sequences"), ("rationale_loss", "rationale_sequences"))
+        if last_metrics.get(n, 1.0) > 0 and k in last_metrics
     }
     best = manager.best_step()
     summary["best_step"] = best

@@ -73,8 +73,23 @@ def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
 
 def test_training_learns_the_toy_task_and_reports_eval(tmp_path, toy_jsonl):
     summary, losses_, rows = _train(
-        tmp_path, "learn", toy_jsonl, "TRAIN_STEPS = 60", "train.train.eval_every = 30", "train.train.checkpoint_every = 30"
+        tmp_path,
+        "learn",
+        toy_jsonl,
+        "TRAIN_STEPS = 60",
+        "train.train.eval_every = 30",
+        "train.train.checkpoint_every = 30",
+        "train.train.report_train_examples = 50",
     )
+    # the final report names a subset as one and scores the whole validation split
+    train_row, val_row = summary["splits"]["train"], summary["splits"]["validation"]
+    assert (train_row["examples"], train_row["total"], train_row["subset"]) == (50, 180, True)
+    assert (val_row["examples"], val_row["total"], val_row["subset"]) == (20, 20, False)
+    assert val_row["accuracy"] == pytest.approx(val_row["teacher_forced_accuracy"])  # greedy EM == teacher-forced EM
+    assert any(k.startswith("most frequent training label") for k in summary["baselines"])
+    assert (tmp_path / "learn" / "loss_curves.png").exists()
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert all(r["examples_per_sec"] > 0 and r["real_tokens_per_sec"] > r["examples_per_sec"] for r in train_rows)
     assert losses_[-1] < 0.5 * losses_[0]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [30, 60]
