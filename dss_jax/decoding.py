@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from dss_jax.model import T5, T5Config, shift_right
 
@@ -32,6 +33,17 @@ def _init_cache(model: T5, params: Any, encoded: Array, enc_seg: Array, batch: i
         mutable=["cache"],
     )
     return variables["cache"]
+
+
+def _split_cross(cache: Any) -> tuple[dict, dict]:
+    """(loop-invariant cross-attention keys/values, the rest): only the rest rides in the loop's carry."""
+    flat = traverse_util.flatten_dict(cache)
+    cross = {k: v for k, v in flat.items() if k[-1].startswith("cross_")}
+    return cross, {k: v for k, v in flat.items() if k not in cross}
+
+
+def _join(cross: dict, rest: dict) -> Any:
+    return traverse_util.unflatten_dict({**cross, **rest})
 
 
 def _filter_logits(logits: Array, temperature: float, top_k: int, top_p: float) -> Array:
@@ -66,7 +78,7 @@ def decode(
     batch = encoder_input_tokens.shape[0]
     enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
     encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)
-    cache = _init_cache(model, params, encoded, enc_seg, batch, max_decode_length)
+    cross, cache = _split_cross(_init_cache(model, params, encoded, enc_seg, batch, max_decode_length))
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
     def cond(state: tuple) -> Array:
@@ -76,7 +88,7 @@ def decode(
     def body(state: tuple) -> tuple:
         i, cache, tokens, cur, done, rng = state
         logits, variables = model.apply(
-            {"params": params, "cache": cache},
+            {"params": params, "cache": _join(cross, cache)},
             encoded,
             enc_seg,
             cur[:, None],
@@ -96,7 +108,7 @@ def decode(
         nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
         tokens = tokens.at[:, i].set(nxt)
         done = done | (nxt == config.eos_token_id)
-        return i + 1, variables["cache"], tokens, nxt, done, rng
+        return i + 1, _split_cross(variables["cache"])[1], tokens, nxt, done, rng
 
     tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
     start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)

@@ -201,12 +201,14 @@ class Attention(nn.Module):
 
         q = split(dense(inner, ("embed", "joined_kv"), init_scale=1.0 / cfg.d_kv, name="query")(inputs_q))
         if decode and self.cross:
+            # stored [batch, heads, length, kv], the layout the per-head dots read, so no step re-lays them out
             if self.has_variable("cache", "cross_key"):  # every step after the first: no projection
-                k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+                k = jnp.swapaxes(self.get_variable("cache", "cross_key"), 1, 2)
+                v = jnp.swapaxes(self.get_variable("cache", "cross_value"), 1, 2)
             else:
                 k, v = project_kv()
-                self.put_variable("cache", "cross_key", k)
-                self.put_variable("cache", "cross_value", v)
+                self.put_variable("cache", "cross_key", jnp.swapaxes(k, 1, 2))
+                self.put_variable("cache", "cross_value", jnp.swapaxes(v, 1, 2))
         else:
             k, v = project_kv()
         if decode and not self.cross:
