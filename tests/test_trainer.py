@@ -140,7 +140,12 @@ def test_bad_mesh_and_unknown_axis_names_fail_clearly():
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_microbatches_split_every_devices_rows_without_gathering_the_batch(k):
     """On 8 data-parallel devices each microbatch holds batch / 8 / k rows per device and nothing is all-gathered."""
-    from common_batches import toy_batch
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import synthetic_batch
 
     from dss_jax import optim, partitioning, trainer
     from dss_jax.model import T5Config
@@ -154,7 +159,7 @@ def test_microbatches_split_every_devices_rows_without_gathering_the_batch(k):
     mesh = partitioning.make_mesh(mc)
     layout = trainer.state_layout(cfg, tx, mesh, mc.rules)
     bsh = partitioning.batch_sharding(mesh, mc.rules)
-    batch = toy_batch(64, 40, 12, cfg.vocab_size)
+    batch = synthetic_batch(64, 40, 12, cfg.vocab_size, fill=0.6)
     with jax.set_mesh(mesh):
         state = trainer.init_state(cfg, tx, layout, 0)
         gbatch = partitioning.global_batch(batch, bsh)
