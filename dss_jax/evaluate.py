@@ -5,7 +5,7 @@
 
 Reads the run's ``config.gin`` from the model dir (data, vocabulary, task) and restores parameters onto the
 current devices, whatever mesh trained them. Writes ``eval/<split>_<step>_metrics.json``,
-``eval/<split>_<step>_predictions.jsonl`` (input, target, prediction[, rationale]) and TensorBoard
+``eval/<split>_<step>_predictions.jsonl`` (input[, input_b], target, prediction[, rationale]) and TensorBoard
 summaries under ``eval/tb``. ``--continuous`` evaluates every checkpoint as it appears (like T5X's eval
 binary) until ``--max_wait_s`` passes without a new one.
 """
@@ -93,6 +93,8 @@ def evaluate_step_dir(
     with open(out_dir / f"{split}_{step}_predictions.jsonl", "w", encoding="utf-8") as f:
         for i, e in enumerate(examples):
             row = {"input": _text(e["inputs_pretokenized"]), "target": targets[i], "prediction": predictions[i]}
+            if _text(e.get("input_b_pretokenized", b"")):  # NLI: the hypothesis, joined to the input by EOS
+                row = {"input": row["input"], "input_b": _text(e["input_b_pretokenized"]), **row}
             if rationale_texts is not None:
                 row["rationale"] = rationale_texts[i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -192,6 +192,7 @@ def _format(kind: str, prefix: str, label_key: str):
             "input_b": ex["input_b"],
             "targets": targets,
             "inputs_pretokenized": inputs,
+            "input_b_pretokenized": ex["input_b"],  # the NLI hypothesis, for predictions files
             "targets_pretokenized": targets,
             "label_pretokenized": ex["label"],
             "idx": ex["idx"],

@@ -187,6 +187,9 @@ def test_nli_inputs_join_premise_and_hypothesis_with_eos(tmp_path):
     registry.register_benchmark("esnli", v, str(SHARED_DATA))
     ex = pipeline.eval_examples("esnli_label_gold", "validation")
     assert len(ex) == 1000
+    # the hypothesis survives tokenization as text, so predictions files can show the whole input
+    first = readers.read_split(SHARED_DATA, "esnli", "validation")
+    assert {e["input_b_pretokenized"].decode() for e in ex} == {e.input_b for e in first}
     toks = list(ex[0]["inputs"])
     assert toks.count(v.eos_id) == 2  # the join and the end
 
