@@ -8,8 +8,9 @@ scores instead of keeping them, and the bias gradient accumulates into the small
 key lengths each fit one block the same formulas run once, which is plain dense attention.
 
 Why not a kernel: ``jax.nn.dot_product_attention`` (cuDNN) has no packed segments in its public API, and the
-Pallas TPU flash kernel wants a full [b, h, q, k] bias (see ../shared notes); ``Spec.impl = "cudnn"`` uses
-the cuDNN path on GPUs where the bias may be materialized (short rows, bf16).
+Pallas TPU flash kernel wants a full [b, h, q, k] bias (see ../shared notes).
+``T5Config.attention_impl = "cudnn"`` uses the cuDNN path on GPUs where the bias may be materialized (short
+rows, bf16).
 
 This module imports neither TensorFlow nor seqio.
 """
