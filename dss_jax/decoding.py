@@ -236,3 +236,27 @@ def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, c
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
     after_eos = jnp.cumsum(tokens == config.eos_token_id, axis=1) - (tokens == config.eos_token_id)
     return jnp.sum(jnp.where(after_eos > 0, 0.0, lp), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def choice_log_probs(params: Any, encoder_input_tokens: Array, choice_tokens: Array, config: T5Config) -> Array:
+    """Rank classification's scores: the summed log probability of each candidate target, as seqio's
+    rank-classification scores them (no length normalisation). ``choice_tokens`` is [batch, choices, length],
+    each row a choice's tokens through its EOS, 0-padded; an all-zero row scores -inf. Each input is encoded once
+    and its encoding shared by its choices."""
+    model = T5(config)
+    b, c, t = choice_tokens.shape
+    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)
+    encoded = jnp.repeat(encoded, c, axis=0)
+    targets = choice_tokens.reshape(b * c, t)
+    logits = model.apply(
+        {"params": params},
+        encoded,
+        jnp.repeat(enc_seg, c, axis=0),
+        shift_right(targets, config.decoder_start_token_id),
+        method=T5.decode,
+    )
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], axis=-1)[..., 0]
+    scores = jnp.sum(jnp.where(targets > 0, lp, 0.0), axis=1).reshape(b, c)
+    return jnp.where(jnp.any(choice_tokens > 0, axis=-1), scores, -jnp.inf)

@@ -1,7 +1,7 @@
 """``dss-eval``: decode a trained checkpoint on a task's evaluation split and score the registered metrics.
 
     dss-eval --model_dir DIR [--checkpoint DIR/checkpoints/STEP] [--split validation|test] [--rationales]
-             [--num_beams N] [--continuous] [--export_hf OUT] [--gin.NAME=VALUE ...]
+             [--num_beams N] [--rank_classification] [--continuous] [--export_hf OUT] [--gin.NAME=VALUE ...]
 
 Reads the run's ``config.gin`` from the model dir (data, vocabulary, task) and restores parameters onto the
 current devices, whatever mesh trained them. Writes ``eval/<split>_<step>_metrics.json``,
@@ -24,7 +24,7 @@ import gin
 import jax
 import numpy as np
 
-from dss_jax import checkpoints, configs, convert, decoding, partitioning
+from dss_jax import checkpoints, configs, convert, decoding, partitioning, scoring
 from dss_jax.trainer import abstract_boxed_params
 
 # One gin unit with the run files' imports, so that --gin.NAME=VALUE overrides resolve in it too.
@@ -59,6 +59,7 @@ def evaluate_step_dir(
     num_beams: int = 1,
     rationales: bool = False,
     max_decode_length: int | None = None,
+    rank_classification: bool = False,
 ) -> dict[str, Any]:
     """Decodes ``data.selection_task``'s split with the checkpoint at ``step_dir``; returns the metrics."""
     import seqio
@@ -81,6 +82,9 @@ def evaluate_step_dir(
     for fn in task.metric_fns:
         metrics.update(fn(targets, predictions))
     metrics["examples"] = len(examples)
+    ranked = _rank_classify(params, cfg, data, split, examples, batch_size, mesh) if rank_classification else None
+    if ranked is not None:
+        metrics["rank_classification_accuracy"] = data.score(split, ranked)["accuracy"]
     rationale_texts = None
     if rationales and f"{data.benchmark}_rationale" in seqio.TaskRegistry.names():
         r_ex = _examples(f"{data.benchmark}_rationale", split, data.inputs_length)
@@ -95,6 +99,8 @@ def evaluate_step_dir(
             row = {"input": _text(e["inputs_pretokenized"]), "target": targets[i], "prediction": predictions[i]}
             if _text(e.get("input_b_pretokenized", b"")):  # NLI: the hypothesis, joined to the input by EOS
                 row = {"input": row["input"], "input_b": _text(e["input_b_pretokenized"]), **row}
+            if ranked is not None:
+                row["rank_prediction"] = ranked[i]
             if rationale_texts is not None:
                 row["rationale"] = rationale_texts[i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -106,6 +112,22 @@ def evaluate_step_dir(
         for k, v in metrics.items():
             w.add_scalar(f"{split}/{data.selection_task}/{k}", v, step)
     return result
+
+
+def _rank_classify(
+    params: Any, cfg: Any, data: Any, split: str, examples: list[dict], batch_size: int, mesh: Any
+) -> list[str] | None:
+    """Each example's most likely candidate label (rank classification); None for tasks without a label set."""
+    labels = data.candidate_labels(split, len(examples))
+    if labels is None:
+        print(f"dss-eval: {data.selection_task} has no closed label set; --rank_classification skipped", file=sys.stderr)
+        return None
+    inputs = np.zeros((len(examples), data.inputs_length), np.int32)
+    for i, e in enumerate(examples):
+        inputs[i, : len(e["inputs"])] = e["inputs"]
+    with jax.set_mesh(mesh):
+        picks = scoring.rank_classify(params, cfg, inputs, [data.tokenize(c) for c in labels], batch_size)
+    return [c[k] for c, k in zip(labels, picks)]
 
 
 def _text(x: Any) -> str:
@@ -151,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rationales", action="store_true", help="also generate rationales with the explain task")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument(
+        "--rank_classification",
+        action="store_true",
+        help="also score multiple-choice tasks (CQA, e-SNLI, ANLI) by ranking each candidate label's likelihood",
+    )
     p.add_argument("--max_decode_length", type=int, default=None)
     p.add_argument("--output_dir", default=None, help="default: MODEL_DIR/eval")
     p.add_argument("--continuous", action="store_true", help="evaluate each new checkpoint as it appears")
@@ -180,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             num_beams=args.num_beams,
             rationales=args.rationales,
             max_decode_length=args.max_decode_length,
+            rank_classification=args.rank_classification,
         )
         if not args.continuous:
             result = evaluate(checkpoints.resolve_step_dir(args.checkpoint or model_dir))

@@ -39,14 +39,16 @@ def format_table(summary: dict[str, Any], model_dir: Path | None = None) -> str:
     if model_dir is not None:
         lines.append(f"model dir: {model_dir}  (checkpoint {summary.get('best_step')} selected on validation)")
     if splits:
+        rank = any("rank_accuracy" in row for row in splits.values())
         lines.append(
             f"{'split':<12}{'examples':>20}{'accuracy %':>12}{'label loss':>12}{'rationale loss':>16}{'listed choice %':>17}"
+            + (f"{'rank acc %':>12}" if rank else "")
         )
         for name, row in splits.items():
-            label = "train" if name == "train" else name
             lines.append(
-                f"{label:<12}{_examples(row):>20}{_fmt(row.get('accuracy')):>12}{_fmt(row.get('label_loss'), 3):>12}"
+                f"{name:<12}{_examples(row):>20}{_fmt(row.get('accuracy')):>12}{_fmt(row.get('label_loss'), 3):>12}"
                 f"{_fmt(row.get('rationale_loss'), 3):>16}{_fmt(row.get('listed_choice_share')):>17}"
+                + (f"{_fmt(row.get('rank_accuracy')):>12}" if rank else "")
             )
     base = {k: v for k, v in (summary.get("baselines") or {}).items() if k != "split"}
     if base:

@@ -40,6 +40,46 @@ def decoded_scores(
     return {**data.score(split, texts), "examples": float(len(texts))}
 
 
+def rank_classify(
+    params: Any, cfg: T5Config, inputs: np.ndarray, choices: list[list[list[int]]], batch_size: int = 32, sharding: Any = None
+) -> np.ndarray:
+    """Index of the most likely candidate per input row: ``inputs`` [n, length] encoder tokens, ``choices[i]`` the
+    token lists (each through EOS) of row i's candidates. Ties go to the first listed. Runs in batches of
+    ``batch_size`` rows padded to the longest candidate, so a few shapes compile; ``sharding`` places each batch
+    on the mesh the parameters live on."""
+    cfg = cfg.replace(dropout_rate=0.0)
+    n_choices = max(len(c) for c in choices)
+    length = max(len(t) for c in choices for t in c)
+    length = -(-length // 8) * 8
+    picks = []
+    for start in range(0, len(inputs), batch_size):
+        rows = inputs[start : start + batch_size]
+        cand = np.zeros((batch_size, n_choices, length), np.int32)
+        for i, cs in enumerate(choices[start : start + batch_size]):
+            for j, toks in enumerate(cs):
+                cand[i, j, : len(toks)] = toks
+        enc = _pad_rows(np.asarray(rows, np.int32), batch_size)
+        if sharding is not None:
+            enc, cand = (partitioning.global_batch({"x": x}, sharding)["x"] for x in (enc, cand))
+        scores = decoding.choice_log_probs(params, enc, cand, cfg)
+        picks.append(np.argmax(np.asarray(jax.device_get(scores))[: len(rows)], axis=1))
+    return np.concatenate(picks) if picks else np.zeros((0,), np.int64)
+
+
+def rank_scores(
+    params: Any, cfg: T5Config, data: Any, split: str, batches: list[dict[str, np.ndarray]], local_batch: int, bsharding: Any
+) -> dict[str, float]:
+    """Rank-classification accuracy of the label task's ``batches`` of ``split`` (empty when the task has no
+    closed label set)."""
+    inputs = [b["encoder_input_tokens"][: int(np.sum(b["decoder_loss_weights"].sum(1) > 0))] for b in batches]
+    inputs = np.concatenate(inputs) if inputs else np.zeros((0, 1), np.int32)
+    labels = data.candidate_labels(split, len(inputs))
+    if labels is None or not len(inputs):
+        return {}
+    picks = rank_classify(params, cfg, inputs, [data.tokenize(c) for c in labels], local_batch, bsharding)
+    return data.score(split, [c[k] for c, k in zip(labels, picks)])
+
+
 def can_decode(data: Any) -> bool:
     return hasattr(data, "score") and jax.process_count() == 1
 
@@ -60,6 +100,17 @@ def use_task_metric(
     scores = decoded_scores(params, cfg, data, split, sets[sel], local_batch, bsharding)
     out[f"{sel}/accuracy"] = scores["accuracy"]
     return out
+
+
+def with_rank_accuracy(
+    metrics: dict[str, float], params: Any, cfg: T5Config, data: Any, split: str, sets: dict, local_batch: int, bsharding: Any
+) -> dict[str, float]:
+    """Adds ``<task>/rank_accuracy`` when the data asks for rank classification (``rank_classification``)."""
+    sel = data.selection_task
+    if not getattr(data, "rank_classification", False) or sel not in sets or jax.process_count() > 1:
+        return metrics
+    scores = rank_scores(params, cfg, data, split, sets[sel], local_batch, bsharding)
+    return {**metrics, f"{sel}/rank_accuracy": scores["accuracy"]} if scores else metrics
 
 
 def split_report(
@@ -85,6 +136,10 @@ def split_report(
     if can_decode(data) and sel in sets:
         scores = decoded_scores(params, cfg, data, split, sets[sel], local_batch, bsharding)
         row.update(scores)
+        if getattr(data, "rank_classification", False):
+            rank = rank_scores(params, cfg, data, split, sets[sel], local_batch, bsharding)
+            if rank:
+                row["rank_accuracy"] = rank["accuracy"]
     else:
         row["accuracy"] = row.get("teacher_forced_accuracy")
     row["subset"] = total is not None and row.get("examples") is not None and int(row["examples"]) < total

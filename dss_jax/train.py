@@ -386,6 +386,9 @@ def train(
                         eval_metrics = scoring.use_task_metric(
                             eval_metrics, state.params, model_config, data, "validation", eval_sets, local_batch, bsharding
                         )
+                        eval_metrics = scoring.with_rank_accuracy(
+                            eval_metrics, state.params, model_config, data, "validation", eval_sets, local_batch, bsharding
+                        )
                         writer.write(done, "eval", eval_metrics)
                         last_eval = eval_metrics
                         log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in eval_metrics.items()}))
@@ -426,6 +429,8 @@ def train(
                     summary["test"] = scoring.use_task_metric(
                         tf_metrics, best_state.params, model_config, data, split, sets, local_batch, bsharding
                     )
+                    if "rank_accuracy" in row:
+                        summary["test"][f"{data.selection_task}/rank_accuracy"] = row["rank_accuracy"]
             summary["splits"][split] = row
         if hasattr(data, "baselines"):
             split = "test" if "test" in summary["splits"] else "validation"

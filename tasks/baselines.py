@@ -30,6 +30,16 @@ def _choices(text: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"^\([a-e]\) (.*)$", text, re.M)]
 
 
+def candidate_labels(benchmark: str | None, input_text: str) -> list[str] | None:
+    """The labels rank classification chooses among for one input: a CQA input's listed choices, the three NLI
+    classes; None for tasks without a closed label set (SVAMP, users' data)."""
+    if benchmark == "cqa":
+        return _choices(input_text) or None
+    if benchmark in ("esnli", "anli1"):
+        return list(readers.NLI_LABELS)
+    return None
+
+
 def svamp_guess(question: str) -> str:
     nums = [float(x) for x in NUMBER.findall(question)]
     if len(nums) < 2:

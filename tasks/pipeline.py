@@ -135,6 +135,8 @@ class SeqioData:
 
     Evaluation sets: ``eval_task`` (label accuracy and loss, human labels) and, for DSS, the rationale task
     (rationale loss), on the validation or test split; unpacked, so each row is one example.
+    ``rank_classification``: also score multiple-choice tasks (CQA's listed choices, the NLI classes) by ranking
+    each candidate label by the model's likelihood, as seqio's rank classification does (``rank_accuracy``).
     """
 
     benchmark: str = "cqa"
@@ -150,6 +152,7 @@ class SeqioData:
     user_validation_file: str | None = None
     user_test_file: str | None = None
     max_eval_examples: int | None = None
+    rank_classification: bool = False
 
     def __post_init__(self) -> None:
         if self.batching not in batching.MODES:
@@ -213,6 +216,22 @@ class SeqioData:
         from dss_jax.tasks import baselines
 
         return baselines.baselines(self.source.benchmark, self.source.examples("train"), self.source.examples(split))
+
+    def candidate_labels(self, split: str, n: int) -> list[list[str]] | None:
+        """The first ``n`` examples' candidate labels for rank classification (None: no closed label set)."""
+        from dss_jax.tasks import baselines
+
+        out = []
+        for e in eval_examples(self.selection_task, split)[:n]:
+            labels = baselines.candidate_labels(self.source.benchmark, e["inputs_pretokenized"].decode("utf-8", "replace"))
+            if labels is None:
+                return None
+            out.append(labels)
+        return out
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Target texts -> token ids through EOS, as the label task's targets are tokenized."""
+        return [list(self.vocabulary.encode(t)) + [self.vocabulary.eos_id] for t in texts]
 
     def detokenize(self, tokens: np.ndarray) -> list[str]:
         """Decoded label rows (ids after EOS dropped) -> text."""
