@@ -15,6 +15,7 @@ import argparse
 import ast
 import csv
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,24 +78,73 @@ def collect(root: Path) -> list[dict[str, Any]]:
         row["validation_accuracy"] = next((v for k, v in val.items() if k.endswith("/accuracy")), None)
         row["test_accuracy"] = next((v for k, v in test.items() if k.endswith("/accuracy")), None)
         row["best_step"] = summary.get("best_step")
+        paper = _paper_number(d / "sweep.json", row)
+        if paper is not None:
+            row["paper_test_accuracy"] = paper
         rows.append(row)
     return rows
 
 
+def _paper_number(sweep_file: Path, row: dict[str, Any]) -> float | None:
+    """The paper's test accuracy for this run's method and benchmark, when its sweep spec carries the paper's
+    numbers (gin/sweeps/paper_t5_base.json) and the run keeps the paper's data (all of it)."""
+    if not sweep_file.exists():
+        return None
+    paper = json.loads(sweep_file.read_text()).get("paper") or {}
+    if float(row.get("train_fraction") or 1.0) != 1.0:
+        return None
+    return (paper.get("test_accuracy") or {}).get(row.get("method"), {}).get(row.get("benchmark"))
+
+
+SETTING = ("benchmark", "method", "label_source", "alpha", "train_fraction", "d_model", "num_layers")
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that differ only in their seed, pooled: count, mean and sample standard deviation of the accuracies."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
+    out = []
+    for key, members in groups.items():
+        agg: dict[str, Any] = dict(zip(SETTING, key))
+        agg["seeds"] = ",".join(str(m.get("seed")) for m in members)
+        for metric in ("validation_accuracy", "test_accuracy"):
+            vals = [float(m[metric]) for m in members if m.get(metric) is not None]
+            agg[f"{metric}_mean"] = statistics.fmean(vals) if vals else None
+            agg[f"{metric}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+        paper = {m.get("paper_test_accuracy") for m in members} - {None}
+        if paper:
+            agg["paper_test_accuracy"] = paper.pop()
+        out.append(agg)
+    return out
+
+
+def _markdown(rows: list[dict[str, Any]]) -> list[str]:
+    cols = list(dict.fromkeys(c for r in rows for c in r)) if rows else ["run"]
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+
+
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+    """results.csv and results.md (one line per run); with several seeds of a setting, or the paper's numbers,
+    results.md also pools the seeds: mean and standard deviation beside the paper's test accuracy."""
     out.mkdir(parents=True, exist_ok=True)
-    cols = list(rows[0]) if rows else ["run"]
+    cols = list(dict.fromkeys(c for r in rows for c in r)) if rows else ["run"]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines = _markdown(rows)
+    pooled = aggregate(rows)
+    if len(pooled) < len(rows) or any("paper_test_accuracy" in r for r in pooled):
+        lines += ["", "Per setting (seeds pooled: mean, sample standard deviation):", "", *_markdown(pooled)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict[str, Any]], out: Path, metric: str = "test_accuracy") -> list[Path]:
+    """accuracy_vs_data[_<benchmark>].png (one line per method and a; seeds averaged) and, with several model
+    sizes, accuracy_vs_size.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,12 +156,15 @@ def plot(rows: list[dict[str, Any]], out: Path, metric: str = "test_accuracy") -
         return made
     key = metric if any(r.get(metric) is not None for r in rows) else "validation_accuracy"
     ylabel = f"{key.replace('_', ' ')} (%)"
-    groups: dict[str, list] = {}
-    for r in rows:
-        label = f"{r['method']}" + (f" (a={r['alpha']})" if r["method"] == "dss" else "")
-        groups.setdefault(label, []).append((100 * float(r["train_fraction"]), r[key]))
-    title = f"{rows[0].get('benchmark') or ''}: accuracy vs training data"
-    made.append(_line_plot(plt, groups, "% of training data", ylabel, title, out / "accuracy_vs_data.png"))
+    pooled = [r for r in aggregate(rows) if r.get(f"{key}_mean") is not None]
+    benchmarks = sorted({str(r.get("benchmark")) for r in pooled})
+    for bench in benchmarks:
+        groups: dict[str, list] = {}
+        for r in (r for r in pooled if str(r.get("benchmark")) == bench):
+            label = f"{r['method']}" + (f" (a={r['alpha']})" if r["method"] == "dss" else "")
+            groups.setdefault(label, []).append((100 * float(r["train_fraction"]), r[f"{key}_mean"]))
+        name = "accuracy_vs_data.png" if len(benchmarks) == 1 else f"accuracy_vs_data_{bench}.png"
+        made.append(_line_plot(plt, groups, "% of training data", ylabel, f"{bench}: accuracy vs training data", out / name))
     sized = [r for r in rows if r.get("params_m")]
     if len({r["params_m"] for r in sized}) > 1:
         by_method: dict[str, list] = {}

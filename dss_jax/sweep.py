@@ -3,10 +3,18 @@
     dss-sweep --gin_file=runs/quickstart.gin --root runs/sweep \
         --grid losses.LossConfig.alpha=0.3,0.5,0.7 --grid registry.DataOptions.train_fraction=0.25,1.0 \
         [--gin.TRAIN_STEPS=100] [--launcher "python launch/tpu_vm.py --name X --zone Z --accelerator_type v4-8 --"]
+    dss-sweep --spec paper_t5_base --root runs/paper --gin.INIT_CHECKPOINT="'/ckpt/base'" \
+        --gin.SPM_PATH="'/ckpt/base/spiece.model'" [--only BENCHMARK="'svamp'"]
 
 Every combination trains into ``ROOT/<name>`` (``name`` from its overrides) with ``sweep.json`` recording
 them; finished runs (``summary.json`` present) are skipped, an interrupted one resumes. ``dss-report --root
 ROOT`` turns the results into a table and plots.
+
+``--spec`` names a JSON file in gin/sweeps/ (or a path): ``arms`` (name -> the arm's gin files), ``grid``
+(binding -> values, crossed with every arm) and optionally ``paper`` (the paper's numbers, which dss-report
+prints beside the run's). Runs go to ``ROOT/<arm>/<name>``; gin files and bindings given on the command line
+come after the arm's, so they apply to every run (``runs/paper_cpu_check.gin`` makes a whole spec a tiny CPU
+rehearsal).
 """
 
 from __future__ import annotations
@@ -39,24 +47,70 @@ def run_name(overrides: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts)) or "default"
 
 
+def _unquote(v: str) -> str:
+    return v.strip().strip("'\"")
+
+
+def load_spec(name: str) -> dict:
+    """A sweep spec by name (gin/sweeps/NAME.json) or path; errors name the file and the missing field."""
+    path = Path(name) if name.endswith(".json") else configs.GIN_DIR / "sweeps" / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in (configs.GIN_DIR / "sweeps").glob("*.json"))
+        raise SystemExit(f"dss-sweep: no sweep spec {path} (known: {', '.join(known)})")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"dss-sweep: {path}: line {e.lineno}: {e.msg}") from None
+    for field in ("arms", "grid"):
+        if not isinstance(spec.get(field), dict) or not spec[field]:
+            raise SystemExit(f"dss-sweep: {path}: '{field}' must be a non-empty object")
+    return {**spec, "name": path.stem}
+
+
+def plan_runs(
+    root: Path, files: list[str], grid: list[str], spec: dict | None, only: list[str]
+) -> list[tuple[Path, list[str], dict[str, str], str | None]]:
+    """(model dir, gin files, overrides, arm) per run; ``only`` keeps the runs whose overrides match."""
+    keep = expand(only)[0] if only else {}
+    if spec is None:
+        arms: dict[str | None, list[str]] = {None: files}
+        combos = expand(grid)
+    else:
+        arms = {arm: [*arm_files, *files] for arm, arm_files in spec["arms"].items()}
+        combos = expand([f"{k}={','.join(v)}" for k, v in spec["grid"].items()] + grid)
+    runs = []
+    for arm, arm_files in arms.items():
+        for combo in combos:
+            if any(_unquote(combo.get(k, "")) != _unquote(v) for k, v in keep.items()):
+                continue
+            model_dir = root / arm / run_name(combo) if arm else root / run_name(combo)
+            runs.append((model_dir, arm_files, combo, arm))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     files, bindings, rest = configs.split_gin_args(argv)
     p = argparse.ArgumentParser(prog="dss-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True)
     p.add_argument("--grid", action="append", default=[], help="NAME=V1,V2,... (repeatable; the grid is their product)")
+    p.add_argument("--spec", default=None, help="a sweep spec: a name in gin/sweeps/ (paper_t5_base, ...) or a .json path")
+    p.add_argument("--only", action="append", default=[], help="NAME=VALUE: run only the combinations with this override")
     p.add_argument("--launcher", default=None, help="print each run as this launcher's command instead of running it")
     p.add_argument("--print_only", action="store_true", help="print the dss-train commands, run nothing")
     a = p.parse_args(rest)
-    if not files:
-        p.error("--gin_file is required")
+    spec = load_spec(a.spec) if a.spec else None
+    if not files and spec is None:
+        p.error("--gin_file or --spec is required")
     root = Path(a.root)
-    combos = expand(a.grid)
+    runs = plan_runs(root, files, a.grid, spec, a.only)
+    if not runs:
+        p.error(f"no run matches --only {' '.join(a.only)}")
     failures = 0
-    for i, combo in enumerate(combos, 1):
-        model_dir = root / run_name(combo)
-        cmd = ["dss-train", *[f"--gin_file={f}" for f in files], f"--model_dir={model_dir}"]
+    for i, (model_dir, run_files, combo, arm) in enumerate(runs, 1):
+        cmd = ["dss-train", *[f"--gin_file={f}" for f in run_files], f"--model_dir={model_dir}"]
         cmd += [f"--gin.{b.replace(' = ', '=')}" for b in bindings] + [f"--gin.{k}={v}" for k, v in combo.items()]
+        label = f"{arm}/{model_dir.name}" if arm else model_dir.name
         if a.launcher:
             print(f"{a.launcher} {shlex.join(cmd)}")
             continue
@@ -64,15 +118,20 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(cmd))
             continue
         if (model_dir / "summary.json").exists():
-            print(f"[{i}/{len(combos)}] {model_dir.name}: done, skipped", file=sys.stderr)
+            print(f"[{i}/{len(runs)}] {label}: done, skipped", file=sys.stderr)
             continue
         model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "sweep.json").write_text(json.dumps({"overrides": combo, "common": bindings, "gin_files": files}, indent=2))
-        print(f"[{i}/{len(combos)}] {model_dir.name}", file=sys.stderr, flush=True)
+        record = {"overrides": combo, "common": bindings, "gin_files": run_files, "arm": arm}
+        if spec is not None:  # the paper's numbers travel with the run, for dss-report's paper column
+            record.update(spec=spec["name"], paper=spec.get("paper"))
+        (model_dir / "sweep.json").write_text(json.dumps(record, indent=2))
+        print(f"[{i}/{len(runs)}] {label}", file=sys.stderr, flush=True)
         argv_py = [sys.executable, "-m", "dss_jax.train", *cmd[1:]]
         if subprocess.run(argv_py).returncode != 0:
             failures += 1
-            print(f"[{i}/{len(combos)}] {model_dir.name}: FAILED", file=sys.stderr)
+            print(f"[{i}/{len(runs)}] {label}: FAILED", file=sys.stderr)
+    if failures:
+        print(f"dss-sweep: {failures} of {len(runs)} runs failed (rerun the same command to retry them)", file=sys.stderr)
     return 1 if failures else 0
 
 

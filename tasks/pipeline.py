@@ -88,18 +88,35 @@ def get_dataset(
     """Converted and batched dataset of a registered task or mixture (this process's shard only)."""
     # The paired DSS tasks shuffle inputs in their source, keeping each input's two targets adjacent.
     shuffle_examples = shuffle and not registry.shuffles_in_source(name)
-    ds = seqio.get_dataset(
-        name,
-        feature_lengths(inputs_length, targets_length),
-        dataset_split=split,
-        shuffle=shuffle_examples,
-        num_epochs=num_epochs,
-        shard_info=seqio.ShardInfo(shard_id, num_shards),
-        feature_converter=DssEncDecFeatureConverter(pack=pack),
-        seed=seed,
-    )
-    if max_examples:
-        ds = ds.take(max_examples)
+    lengths = feature_lengths(inputs_length, targets_length)
+    converter = DssEncDecFeatureConverter(pack=pack)
+    shard = seqio.ShardInfo(shard_id, num_shards)
+    provider = seqio.get_mixture_or_task(name)
+    if max_examples and isinstance(provider, seqio.Task):
+        # Part of a split: seqio's in-memory cache of small splits would be abandoned half-read, which TensorFlow
+        # warns about; skip that cache here.
+        ds = provider.get_dataset(
+            lengths,
+            split=split,
+            shuffle=shuffle_examples,
+            seed=seed,
+            shard_info=shard,
+            num_epochs=num_epochs,
+            try_in_mem_cache=False,
+        )
+        ds = converter(ds, task_feature_lengths=lengths).take(max_examples)
+    else:
+        ds = seqio.get_dataset(
+            name,
+            lengths,
+            dataset_split=split,
+            shuffle=shuffle_examples,
+            num_epochs=num_epochs,
+            shard_info=shard,
+            feature_converter=converter,
+            seed=seed,
+        )
+        ds = ds.take(max_examples) if max_examples else ds
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
 

@@ -1,0 +1,91 @@
+"""The paper's sweep specs: every arm of Table 2's comparison runs end to end on CPU (tiny model) and dss-report
+prints the paper's numbers beside the run's; seeds of a setting pool into mean and spread."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import SHARED_DATA, xla_env
+
+from dss_jax import results, sweep
+
+
+def test_specs_expand_to_every_arm_and_benchmark(tmp_path):
+    spec = sweep.load_spec("paper_t5_base")
+    runs = sweep.plan_runs(tmp_path, [], [], spec, [])
+    assert len(runs) == 16  # 4 methods x 4 benchmarks
+    assert {r[3] for r in runs} == {"finetune", "distill", "single_task", "dss"}
+    dss_svamp = [r for r in sweep.plan_runs(tmp_path, ["extra.gin"], [], spec, ["BENCHMARK=svamp"]) if r[3] == "dss"]
+    assert [(r[0].relative_to(tmp_path).as_posix(), r[1]) for r in dss_svamp] == [
+        ("dss/BENCHMARK=svamp", ["runs/dss.gin", "extra.gin"])
+    ]
+    curves = sweep.load_spec("paper_data_efficiency")
+    assert len(sweep.plan_runs(tmp_path, [], [], curves, [])) == 3 * 4 * 5
+    for arm_files in [*spec["arms"].values(), *curves["arms"].values()]:
+        assert all((sweep.configs.GIN_DIR / f).exists() for f in arm_files)
+
+
+def test_a_bad_spec_names_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"arms": {"dss": ["runs/dss.gin"]},\n "grid": }')
+    with pytest.raises(SystemExit, match="bad.json: line 2"):
+        sweep.load_spec(str(bad))
+    with pytest.raises(SystemExit, match="known: .*paper_t5_base"):
+        sweep.load_spec("no_such_spec")
+
+
+def test_seeds_pool_into_mean_and_spread():
+    rows = [
+        {"benchmark": "esnli", "method": m, "alpha": 0.5, "train_fraction": 1.0, "seed": s, "test_accuracy": acc}
+        for m, s, acc in [("dss", 0, 40.0), ("dss", 1, 44.0), ("dss", 2, 42.0), ("finetune", 0, 45.0)]
+    ]
+    pooled = {r["method"]: r for r in results.aggregate(rows)}
+    assert pooled["dss"]["seeds"] == "0,1,2"
+    assert pooled["dss"]["test_accuracy_mean"] == pytest.approx(42.0)
+    assert pooled["dss"]["test_accuracy_sd"] == pytest.approx(2.0)
+    assert pooled["finetune"]["test_accuracy_sd"] is None
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/dss is not beside the repo")
+def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
+    root = tmp_path / "paper"
+    env = {**xla_env(1), "DSS_DATA_DIR": str(SHARED_DATA), "DSS_TFDS_DIR": os.environ.get("DSS_TFDS_DIR", str(tmp_path / "t"))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "dss_jax.sweep",
+        "--spec=paper_t5_base",
+        f"--root={root}",
+        "--only",
+        "BENCHMARK=svamp",
+        "--gin_file=runs/paper_cpu_check.gin",
+        "--gin.TRAIN_STEPS=4",
+        "--gin.train.train.eval_every=4",
+        "--gin.train.train.checkpoint_every=4",
+        "--gin.train.train.report_train_examples=16",
+        "--gin.pipeline.SeqioData.max_eval_examples=16",
+        "--gin.optim.learning_rate_schedule.warmup_steps=0",
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cache_dataset_ops" not in r.stderr  # TensorFlow's partial-cache warning at subset evaluations
+    assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if p.is_dir()) == [
+        "distill/BENCHMARK=svamp",
+        "dss/BENCHMARK=svamp",
+        "finetune/BENCHMARK=svamp",
+        "single_task/BENCHMARK=svamp",
+    ]
+    for arm in ("finetune", "distill", "single_task", "dss"):
+        summary = json.loads((root / arm / "BENCHMARK=svamp" / "summary.json").read_text())
+        assert summary["splits"]["test"]["examples"] == summary["splits"]["test"]["total"] == 200
+
+    r = subprocess.run([sys.executable, "-m", "dss_jax.results", f"--root={root}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["method"]: row for row in results.aggregate(results.collect(root))}
+    assert rows["finetune"]["paper_test_accuracy"] == 62.5
+    assert rows["single_task"]["paper_test_accuracy"] == 63.0
+    assert rows["dss"]["paper_test_accuracy"] == 65.5
+    assert "paper_test_accuracy" not in rows["distill"]  # the paper tabulates no number for it
+    assert "paper_test_accuracy" in r.stdout and "65.50" in r.stdout
