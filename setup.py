@@ -40,7 +40,7 @@ setup(
     packages=["dss_jax", "dss_jax.tasks", "dss_jax.gin_configs"],
     # tasks/ is importable as dss_jax.tasks; gin/ ships inside the package so installed copies find it
     package_dir={"dss_jax": "dss_jax", "dss_jax.tasks": "tasks", "dss_jax.gin_configs": "gin"},
-    package_data={"dss_jax.gin_configs": ["*/*.gin"]},
+    package_data={"dss_jax.gin_configs": ["*/*.gin", "sweeps/*.json"]},
     install_requires=CORE + DATA,
     extras_require={
         # torch==2.13.0 is the CPU build on this project's machines; a bare `torch` pulls a CUDA build.
