@@ -7,7 +7,7 @@ export DSS_DATA_DIR
 # CPU jobs: with libtpu installed (test extra, for dss-plan) jax would otherwise probe for a TPU first.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup quickstart test lint
+.PHONY: setup quickstart test test-fast lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,9 +28,13 @@ quickstart: setup
 	$(BIN)/dss-train --gin_file=runs/quickstart_finetune.gin --model_dir=$(QS)/finetune
 	$(BIN)/dss-report --runs $(QS)/dss $(QS)/finetune
 
-test: setup
-	$(BIN)/ruff check dss_jax tasks tests bench launch
+# The whole suite (README, .ci/run). Tests that train or run CLIs in subprocesses are marked `slow`.
+test: setup lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# While working: lint, the format check and every test not marked slow (a few minutes on 2 cores).
+test-fast: setup lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 lint: setup
 	$(BIN)/ruff check dss_jax tasks tests bench launch

@@ -38,6 +38,7 @@ def test_run_gin_files_parse_and_bind_the_papers_recipe(run):
         gin.clear_config()
 
 
+@pytest.mark.slow
 def test_a_bad_binding_is_named(tmp_path):
     r = subprocess.run(
         [
@@ -100,6 +101,7 @@ def test_optimizers_step_on_a_sharded_mesh(name):
     assert isinstance(tx, optax.GradientTransformation)
 
 
+@pytest.mark.slow
 def test_training_starts_from_a_pretrained_checkpoint(tmp_path, toy_jsonl):
     """With learning rate 0, the trained parameters are exactly the converted pretrained ones."""
     from conftest import train_cmd, xla_env
@@ -147,6 +149,7 @@ def test_training_starts_from_a_pretrained_checkpoint(tmp_path, toy_jsonl):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], np.asarray(b[k])) for k in a)
 
 
+@pytest.mark.slow
 def test_dss_vocab_cli(tmp_path, toy_jsonl):
     out = tmp_path / "v.model"
     r = subprocess.run(

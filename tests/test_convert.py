@@ -22,6 +22,7 @@ def _run(*args, ok=True):
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gated", [False, True], ids=["t5_v1_0", "t5_v1_1"])
 def test_hf_to_dss_to_hf_round_trip_is_exact(hf_dir_factory, tmp_path, gated):
     from transformers import T5ForConditionalGeneration
@@ -76,6 +77,7 @@ def test_sharded_safetensors_index_is_read(hf_dir_factory, tmp_path):
     assert f1.keys() == f2.keys() and all(np.array_equal(f1[k], f2[k]) for k in f1)
 
 
+@pytest.mark.slow
 def test_mismatched_tensors_are_named_with_both_shapes(hf_dir_factory, tmp_path):
     src, _ = hf_dir_factory(True)
     state = load_file(str(src / "model.safetensors"))
@@ -135,6 +137,7 @@ def _write_t5x_checkpoint(step_dir, params):
     (step_dir / "checkpoint").write_bytes(serialization.msgpack_serialize(tree))
 
 
+@pytest.mark.slow
 def test_t5x_checkpoint_imports(hf_dir_factory, tmp_path):
     src, _ = hf_dir_factory(True)
     params, cfg = convert.load_hf(src)

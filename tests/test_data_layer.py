@@ -194,6 +194,7 @@ def test_nli_inputs_join_premise_and_hypothesis_with_eos(tmp_path):
     assert toks.count(v.eos_id) == 2  # the join and the end
 
 
+@pytest.mark.slow
 def test_dss_data_cli_prints_counts_and_teacher_accuracy():
     r = subprocess.run(
         [sys.executable, "-m", "dss_jax.tasks.report", "--benchmark", "cqa", "svamp", "--json"],
@@ -208,6 +209,7 @@ def test_dss_data_cli_prints_counts_and_teacher_accuracy():
     assert rows[("cqa", "train")]["parse_failures"] > 0
 
 
+@pytest.mark.slow
 def test_dss_data_cli_names_a_bad_file(tmp_path):
     f = write_toy_jsonl(tmp_path / "t.jsonl", 3)
     f.write_text(f.read_text() + "{oops\n")

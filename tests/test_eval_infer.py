@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from conftest import train_cmd, xla_env
 
+pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
+
 
 def _train(model_dir, toy, devices, *extra):
     cmd = train_cmd(

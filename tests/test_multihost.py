@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO, train_cmd, xla_env
+
+pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
 MESH = ["--gin.partitioning.MeshConfig.data=2", "--gin.partitioning.MeshConfig.fsdp=2", "--gin.partitioning.MeshConfig.model=2"]
 

@@ -48,6 +48,7 @@ def test_seeds_pool_into_mean_and_spread():
     assert pooled["finetune"]["test_accuracy_sd"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/dss is not beside the repo")
 def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
     root = tmp_path / "paper"

@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import REPO, TOY_GIN, xla_env
 
+pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
+
 pytest.importorskip("libtpu", reason="dss-plan needs the tpu extra (libtpu)")
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

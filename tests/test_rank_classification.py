@@ -78,6 +78,7 @@ def test_candidate_labels_per_benchmark():
     assert baselines.candidate_labels("svamp", "Tom has 3 apples") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/dss is not beside the repo")
 def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
     """A short CQA run with the in-loop option reports rank accuracy per split; dss-eval's flag reproduces the

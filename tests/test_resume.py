@@ -8,7 +8,10 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from conftest import train_cmd, xla_env
+
+pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
 
 def _cmd(model_dir, toy, *extra):

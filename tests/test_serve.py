@@ -10,6 +10,8 @@ import httpx
 import pytest
 from conftest import train_cmd, xla_env
 
+pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -22,6 +22,7 @@ def _train(tmp_path, name, toy, *bindings):
     return summary, [r["loss"] for r in rows if r["kind"] == "train"], rows
 
 
+@pytest.mark.slow
 def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl, monkeypatch):
     assert jax.device_count() == 8
     _, single, _ = _train(tmp_path, "one", toy_jsonl, "train.train.evaluate_test = False")
@@ -55,6 +56,7 @@ def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl
     assert mu.spec == jax.sharding.PartitionSpec("fsdp", "model")
 
 
+@pytest.mark.slow
 def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
     _, full, _ = _train(
         tmp_path, "full", toy_jsonl, "TRAIN_STEPS = 6", "model.T5Config.dropout_rate = 0.0", "train.train.evaluate_test = False"
@@ -71,6 +73,7 @@ def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
     np.testing.assert_allclose(micro, full, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_learns_the_toy_task_and_reports_eval(tmp_path, toy_jsonl):
     summary, losses_, rows = _train(
         tmp_path,
