@@ -92,6 +92,7 @@ def _tiny(**kw):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_whole_model_with_small_blocks_equals_one_block(scan):
     rng = np.random.default_rng(0)

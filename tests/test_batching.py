@@ -65,6 +65,7 @@ def _cfg():
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["bucketed", "packed"])
 def test_repacked_step_equals_the_padded_step(padded_batches, mode):
     jax.config.update("jax_default_matmul_precision", "highest")

@@ -66,6 +66,7 @@ def test_schedules():
         optim.learning_rate_schedule(decay="step", total_steps=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 def test_optimizers_step_on_a_sharded_mesh(name):
     import optax

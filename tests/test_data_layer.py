@@ -123,6 +123,7 @@ def registered(tmp_path_factory):
     return v, names
 
 
+@pytest.mark.slow
 def test_every_cqa_and_svamp_task_and_mixture_iterates_through_the_feature_converter(registered):
     from dss_jax.tasks import pipeline
 

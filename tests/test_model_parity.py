@@ -77,6 +77,7 @@ def test_greedy_tokens_match_hf_generate(gated):
         np.testing.assert_array_equal(row_ours[:n], row_ref[:n])
 
 
+@pytest.mark.slow
 def test_scan_and_remat_compute_the_same_function():
     hf = hf_t5(True)
     params, cfg = _convert(hf)
@@ -92,6 +93,7 @@ def test_scan_and_remat_compute_the_same_function():
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.slow
 def test_packed_segments_do_not_see_each_other():
     """Two examples packed in one row give the same logits as each alone."""
     hf = hf_t5(True)

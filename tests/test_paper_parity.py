@@ -72,6 +72,7 @@ def _jax_step(params, cfg, enc_l, lab, enc_r, rat, alpha):
     return float(m["loss"]), float(m["grad_norm"]), convert.params_to_hf_state(upd, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
 def test_one_dss_step_equals_the_papers_pytorch_step(alpha):
     jax.config.update("jax_default_matmul_precision", "highest")

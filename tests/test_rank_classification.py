@@ -35,8 +35,9 @@ def _brute_force(params, inputs, choices):
     for row, cands in zip(inputs, choices):
         s = []
         for toks in cands:
-            lp = decoding.sequence_log_prob(params, np.asarray(row)[None], np.asarray(toks, np.int32)[None], CFG)
-            s.append(float(lp[0]))
+            padded = np.zeros((1, 8), np.int32)  # one shape, one compile; the reference stops at EOS
+            padded[0, : len(toks)] = toks
+            s.append(float(decoding.sequence_log_prob(params, np.asarray(row)[None], padded, CFG)[0]))
         scores.append(s)
         picks.append(int(np.argmax(s)))
     return picks, scores

@@ -140,6 +140,7 @@ def test_bad_mesh_and_unknown_axis_names_fail_clearly():
         partitioning.validate_names({"w": jax.sharding.PartitionSpec("embed", "mystery")}, partitioning.DEFAULT_RULES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_microbatches_split_every_devices_rows_without_gathering_the_batch(k):
     """On 8 data-parallel devices each microbatch holds batch / 8 / k rows per device and nothing is all-gathered."""
