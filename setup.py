@@ -31,6 +31,7 @@ DATA = [
     "importlib_resources==7.1.0",  # tensorflow-datasets imports it without declaring it
 ]
 SERVE = ["fastapi==0.163.2", "uvicorn==0.54.0"]
+TEACHER = ["openai==3.51.0"]
 
 setup(
     name="dss_jax",
@@ -40,7 +41,7 @@ setup(
     packages=["dss_jax", "dss_jax.tasks", "dss_jax.gin_configs"],
     # tasks/ is importable as dss_jax.tasks; gin/ ships inside the package so installed copies find it
     package_dir={"dss_jax": "dss_jax", "dss_jax.tasks": "tasks", "dss_jax.gin_configs": "gin"},
-    package_data={"dss_jax.gin_configs": ["*/*.gin", "sweeps/*.json"]},
+    package_data={"dss_jax.gin_configs": ["*/*.gin", "sweeps/*.json"], "dss_jax": ["prompts/*.json"]},
     install_requires=CORE + DATA,
     extras_require={
         # torch==2.13.0 is the CPU build on this project's machines; a bare `torch` pulls a CUDA build.
@@ -57,9 +58,12 @@ setup(
             "build==1.6.1",
             "httpx==0.28.1",
             *SERVE,
+            *TEACHER,
         ],
         # dss-serve: the student behind an OpenAI-compatible HTTP API.
         "serve": SERVE,
+        # dss-teacher: rationales from any OpenAI-compatible endpoint.
+        "teacher": TEACHER,
         # launch/tpu_vm.py builds the sdist it ships to the TPU workers with the `build` frontend.
         "launch": ["build==1.6.1"],
         "tpu": ["libtpu==0.0.51"],
@@ -78,6 +82,7 @@ setup(
             "dss-sweep=dss_jax.sweep:main",
             "dss-report=dss_jax.results:main",
             "dss-serve=dss_jax.serve:main",
+            "dss-teacher=dss_jax.teacher:main",
         ]
     },
 )
