@@ -3,8 +3,9 @@
     dss-train --gin_file=gin/runs/quickstart.gin --model_dir=/tmp/dss_quickstart [--gin.NAME=VALUE ...]
 
 Model dir layout: ``checkpoints/<step>/`` (Orbax: state + meta), ``data/<step>/process_<i>`` (the data
-iterator's position at that step), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``config.gin`` (operative
-config), ``test_metrics.json`` (the test split, scored once, for the checkpoint selected on validation).
+iterator's position at that step, pruned with its checkpoint), ``metrics.jsonl``, ``tb/`` (TensorBoard),
+``config.gin`` (operative config), ``test_metrics.json`` (the test split, scored once, for the checkpoint selected
+on validation), ``damaged/`` (checkpoint steps that failed their checksums at resume, moved aside).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class DataSource(Protocol):
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A step's loss, gradient norm or updated parameters are not finite: the run stops before saving that state."""
 
 
 class ShardedIterator:
@@ -131,14 +132,124 @@ def write_run_files(model_dir: Path, model_config: T5Config, data: DataSource) -
         (model_dir / "inference.json").write_text(json.dumps(fmt(), indent=2) + "\n")
 
 
-def _restore_state(manager: ocp.CheckpointManager, step: int, layout: trainer.StateLayout) -> trainer.TrainState:
-    """The train state of ``step``, placed with this run's shardings (the saving mesh may differ)."""
+def _restore_state(
+    manager: ocp.CheckpointManager, step: int, layout: trainer.StateLayout, trusted_without: bool
+) -> trainer.TrainState:
+    """The train state of ``step``, placed with this run's shardings (the saving mesh may differ), verified against
+    the checksums saved with it. Unreadable files or differing values raise CheckpointDamagedError; a state of
+    another model or optimizer raises ValueError (a config error, not damage: nothing falls back)."""
+    step_dir = Path(str(manager.directory)) / str(step)
+    stored = sorted(checkpoints.stored_leaf_shapes(step_dir / "state"))
+    want = sorted(tuple(a.shape) for a in jax.tree.leaves(layout.abstract))
+    if stored != want:
+        raise ValueError(
+            f"{step_dir} holds a train state of another model or optimizer ({len(stored)} arrays, this run has "
+            f"{len(want)}): use another --model_dir, or the gin config that wrote it"
+        )
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    state = checkpoints.read_or_damaged(
+        lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], step_dir
+    )
+    checkpoints.verify_checksums(state, checkpoints.read_checksums(step_dir), step_dir, trusted_without)
+    return state
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (so that all processes fall back to the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _resume(
+    manager: ocp.CheckpointManager, model_dir: Path, layout: trainer.StateLayout, train_iter: Any
+) -> tuple[trainer.TrainState, int] | None:
+    """The newest intact checkpoint (state and data position), or None when there is none.
+
+    Steps newer than it that fail to read or to verify are named, moved to ``model_dir/damaged/`` (so this run
+    can save those steps again) and redone from the intact step; one warning says where training resumes.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    damaged: list[int] = []
+    found: tuple[trainer.TrainState, int] | None = None
+    for step in steps:
+        err: Exception | None = None
+        legacy = not checkpoints.checksums_expected(model_dir / "checkpoints" / str(step))
+        try:
+            state = _restore_state(manager, step, layout, legacy)
+            checkpoints.verify_file_digests(_data_ckpt_path(model_dir, step), step, legacy)
+        except checkpoints.CheckpointDamagedError as e:
+            err = e
+        if _all_processes(err is None):
+            found = (state, step)
+            break
+        log.error("%s", err or f"checkpoint step {step} is damaged on another process")
+        damaged.append(step)
+    if damaged:
+        where = _move_aside(manager, model_dir, damaged)
+        names = ("steps " if len(damaged) > 1 else "step ") + ", ".join(map(str, damaged))
+        if found is not None:
+            log.warning(
+                "checkpoint %s damaged (moved to %s); resuming from step %d, the newest intact checkpoint",
+                names,
+                where,
+                found[1],
+            )
+        else:
+            log.warning("checkpoint %s damaged (moved to %s); no intact checkpoint left: starting afresh", names, where)
+    if found is not None:
+        train_iter.restore(_data_ckpt_path(model_dir, found[1]))
+    return found
+
+
+def _move_aside(manager: ocp.CheckpointManager, model_dir: Path, steps: list[int]) -> Path:
+    """Moves damaged checkpoint steps to ``model_dir/damaged/<step>-<time>`` for inspection (their data positions,
+    large and useless alone, are pruned with the other orphans)."""
+    import shutil
+
+    where = model_dir / "damaged"
+    if jax.process_index() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        where.mkdir(parents=True, exist_ok=True)
+        for s in steps:
+            shutil.move(str(model_dir / "checkpoints" / str(s)), str(where / f"{s}-{stamp}"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dss_jax.train.move_aside")
+    manager.reload()
+    return where
 
 
 def _data_ckpt_path(model_dir: Path, step: int) -> str:
     return str(model_dir / "data" / str(step) / f"process_{jax.process_index()}")
+
+
+def _prune_data(model_dir: Path, keep: set[int]) -> None:
+    """Deletes this process's data-iterator states of steps whose model checkpoint is gone (or never committed):
+    they are many times the model checkpoint's size, and useless without it."""
+    import shutil
+
+    root = model_dir / "data"
+    if not root.is_dir():
+        return
+    mine = f"process_{jax.process_index()}_"
+    for d in root.iterdir():
+        if not d.name.isdigit() or int(d.name) in keep:
+            continue
+        for f in d.iterdir():
+            if not (f.name.startswith(mine) or f.name == f"process_{jax.process_index()}{checkpoints.DATA_DIGEST_SUFFIX}"):
+                continue
+            if f.is_dir():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()  # the last process out removes the step's dir
 
 
 def _local_rows_multiple(bsharding: Any, microbatches: int, nproc: int) -> int:
@@ -220,22 +331,51 @@ class RateMeter:
         return out
 
 
-class MetricsWriter:
-    """metrics.jsonl and TensorBoard, from process 0 only."""
+def strict_json_row(row: dict[str, Any]) -> str:
+    """One strict JSON line: non-finite numbers (which json.dumps would write as the non-JSON tokens NaN and
+    Infinity) become null, and the row's ``nonfinite`` lists their keys."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        row = {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad}
+    return json.dumps(row, allow_nan=False)
 
-    def __init__(self, model_dir: Path):
+
+def truncate_metrics(path: Path, resumed_step: int) -> None:
+    """Keeps the rows of steps up to ``resumed_step``: the steps after it are redone by the resumed run, which
+    would otherwise log them twice (a torn last line from a kill goes too)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= resumed_step:
+            keep.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+class MetricsWriter:
+    """metrics.jsonl (strict JSON, each step once) and TensorBoard, from process 0 only."""
+
+    def __init__(self, model_dir: Path, resumed_step: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
+        truncate_metrics(model_dir / "metrics.jsonl", resumed_step)
         self.jsonl = open(model_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(model_dir / "tb"))
+        # purge_step: TensorBoard drops the events the earlier run wrote after the resumed step
+        self.tb = SummaryWriter(str(model_dir / "tb"), purge_step=resumed_step + 1 if resumed_step else None)
 
     def write(self, step: int, kind: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        self.jsonl.write(strict_json_row({"step": step, "kind": kind, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
             self.tb.add_scalar(f"{kind}/{k}", v, step)
@@ -268,6 +408,7 @@ def train(
     progress: bool = True,
     input_shards: int | None = None,
     report_train_examples: int = 1000,
+    on_nonfinite: str = "stop",
 ) -> dict[str, Any]:
     """Trains ``model_config`` on ``data`` for ``num_steps`` steps of ``batch_size`` sequences (global).
 
@@ -276,6 +417,9 @@ def train(
     Each process reads ``input_shards / processes`` shards of the training data (default: one per process).
     At the end the checkpoint selected on validation is scored on a fixed train subset (the first
     ``report_train_examples``), the whole validation and the whole test split with the task's own metric.
+    A step whose loss, gradient norm or updated parameters are not finite stops the run before that state is
+    saved or evaluated (``on_nonfinite='stop'``), or is not applied and counted (``'skip'``: ``skipped_updates``
+    in metrics.jsonl and the summary).
     Returns the final summary (also written to ``model_dir/summary.json``).
     """
     model_dir_p = Path(model_dir).resolve()
@@ -286,6 +430,8 @@ def train(
     if batch_size % (nproc * microbatches):
         raise ValueError(f"train.batch_size={batch_size} must divide by processes ({nproc}) x microbatches ({microbatches})")
     local_batch = batch_size // nproc
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
 
     mesh = partitioning.make_mesh(mesh_config)
     rules = mesh_config.rules
@@ -294,13 +440,14 @@ def train(
     bsharding = partitioning.batch_sharding(mesh, rules)
     if batch_size % math.prod(bsharding.mesh.shape[a] for a in ("data", "fsdp")):
         raise ValueError(f"train.batch_size={batch_size} must divide by the mesh's data x fsdp size")
-    step_fn = trainer.jit_train_step(model_config, tx, loss_config, microbatches, seed, layout, bsharding, mesh)
+    step_fn = trainer.jit_train_step(
+        model_config, tx, loss_config, microbatches, seed, layout, bsharding, mesh, skip_nonfinite=on_nonfinite == "skip"
+    )
     eval_fn = trainer.jit_eval_step(model_config, layout, bsharding, mesh)
 
     manager = _manager(model_dir_p, keep_checkpoints, async_checkpoints)
     if pid == 0:
         write_run_files(model_dir_p, model_config, data)
-    writer = MetricsWriter(model_dir_p)
     shards = input_shards or nproc
     if shards % nproc or local_batch % (shards // nproc):
         raise ValueError(f"train.input_shards={shards} must be a multiple of the processes ({nproc}) and divide the local batch")
@@ -311,10 +458,10 @@ def train(
     repacker = data.repacker(_local_rows_multiple(bsharding, microbatches, nproc)) if hasattr(data, "repacker") else None
     if repacker is not None:
         train_iter = batching.RepackingIterator(train_iter, repacker)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = _restore_state(manager, latest, layout)
-        train_iter.restore(_data_ckpt_path(model_dir_p, latest))
+    resumed = _resume(manager, model_dir_p, layout, train_iter)
+    latest = resumed[1] if resumed is not None else None
+    if resumed is not None:
+        state = resumed[0]
         log.info("resumed from %s at step %d", model_dir_p / "checkpoints", latest)
     elif init_checkpoint:
         params, _, _ = checkpoints.load_pretrained(init_checkpoint, model_config)
@@ -323,6 +470,8 @@ def train(
     else:
         state = trainer.init_state(model_config, tx, layout, seed)
     start = int(jax.device_get(state.step))
+    _prune_data(model_dir_p, set(manager.all_steps()))  # positions of steps never committed, or pruned before a kill
+    writer = MetricsWriter(model_dir_p, start)
 
     eval_sets = _equalize(data.eval_sets("validation", local_batch, pid, nproc)) if eval_every else {}
     stop = _StopFlag()
@@ -331,22 +480,43 @@ def train(
     first_metrics: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     saved_step = latest if latest is not None else -1
+    nonfinite = jax.numpy.zeros((3,), jax.numpy.int32)  # trainer.track_nonfinite: [first step, flags, count]
+
+    def check_finite() -> int:
+        """Raises (on_nonfinite='stop') once any step so far was not finite; returns the flagged steps so far."""
+        first, flags, count = (int(x) for x in jax.device_get(nonfinite))
+        if first and on_nonfinite == "stop":
+            last = (
+                f"The last good checkpoint is step {saved_step} in {model_dir_p / 'checkpoints'}"
+                if saved_step >= 0
+                else "No checkpoint was saved"
+            )
+            raise NonFiniteLossError(
+                f"at step {first} {trainer.describe_nonfinite(flags)}; stopping before that state is saved or evaluated. "
+                f"{last} (lower the learning rate or check the data; train.on_nonfinite='skip' skips such updates instead)."
+            )
+        return count
 
     def save(step: int, eval_metrics: dict[str, float] | None) -> None:
         nonlocal saved_step
-        if not np.isfinite(float(jax.device_get(last_loss))):
-            raise NonFiniteLossError(f"loss is not finite at step {step}; keeping checkpoint {saved_step}")
-        train_iter.save(_data_ckpt_path(model_dir_p, step))
+        check_finite()  # never save a non-finite state
+        data_prefix = _data_ckpt_path(model_dir_p, step)
+        train_iter.save(data_prefix)
+        checkpoints.write_file_digests(data_prefix)
         metrics = {"accuracy": eval_metrics[metric_key]} if eval_metrics and metric_key in eval_metrics else None
         manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()})
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()}),
+                # committed with the state, so no committed step lacks them
+                **{checkpoints.CHECKSUM_ITEM: ocp.args.JsonSave(checkpoints.checksum_record(state))},
             ),
             metrics=metrics,
             force=True,
         )
         saved_step = step
+        _prune_data(model_dir_p, set(manager.all_steps()) | {step})
 
     pbar = None
     if progress and pid == 0:
@@ -354,24 +524,26 @@ def train(
 
         pbar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     rate = RateMeter()
-    last_loss = jax.numpy.zeros(())
+    skipped_logged = 0
     try:
         with jax.set_mesh(mesh):
             for step in range(start, num_steps):
                 batch = partitioning.global_batch(next(train_iter), bsharding)
                 state, metrics = step_fn(state, batch)
-                last_loss = metrics["loss"]
-                rate.add(metrics)
                 done = step + 1
+                nonfinite = trainer.track_nonfinite(nonfinite, metrics["nonfinite"], done)
+                rate.add(metrics)
                 if done % log_every == 0 or done == num_steps:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not math.isfinite(m["loss"]):
-                        raise NonFiniteLossError(
-                            f"loss is {m['loss']} at step {done}; stopping. The last good checkpoint is step {saved_step} "
-                            f"in {model_dir_p / 'checkpoints'} (lower the learning rate or check the data)."
-                        )
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
                     m.update(rate.read())
+                    if on_nonfinite == "skip":
+                        flagged = int(jax.device_get(nonfinite)[2])
+                        m["skipped_updates"] = float(flagged - skipped_logged)
+                        if flagged > skipped_logged:
+                            log.warning("skipped %d non-finite updates up to step %d", flagged - skipped_logged, done)
+                        skipped_logged = flagged
                     writer.write(done, "train", m)
+                    check_finite()  # logged first, so metrics.jsonl shows the step that diverged
                     first_metrics = first_metrics or m
                     last_metrics = m
                     if pbar is not None:
@@ -382,6 +554,7 @@ def train(
                 eval_metrics = None
                 with rate.paused():
                     if eval_now:
+                        check_finite()  # a non-finite state is never evaluated, so never chosen as best
                         eval_metrics = run_eval(eval_fn, state.params, eval_sets, local_batch, bsharding)
                         eval_metrics = scoring.use_task_metric(
                             eval_metrics, state.params, model_config, data, "validation", eval_sets, local_batch, bsharding
@@ -404,6 +577,7 @@ def train(
         if pbar is not None:
             pbar.close()
         manager.wait_until_finished()
+        _prune_data(model_dir_p, set(manager.all_steps()))
 
     summary: dict[str, Any] = {"step": num_steps, "train": last_metrics, "validation": last_eval}
     summary["losses_first_last"] = {
@@ -413,8 +587,12 @@ def train(
     }
     best = manager.best_step()
     summary["best_step"] = best
+    if on_nonfinite == "skip":
+        summary["skipped_updates"] = skipped_logged
     if evaluate_test and best is not None:
-        best_state = _restore_state(manager, best, layout)
+        best_state = _restore_state(
+            manager, best, layout, not checkpoints.checksums_expected(model_dir_p / "checkpoints" / str(best))
+        )
         summary["splits"] = {}
         for split, limit in (("train", report_train_examples), ("validation", None), ("test", None)):
             if split == "train" and not report_train_examples:

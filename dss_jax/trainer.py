@@ -132,12 +132,17 @@ def train_step(
     microbatches: int,
     seed_key: jax.Array,
     batch_sharding: NamedSharding | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step (gradients accumulated over ``microbatches`` slices of the batch).
 
     Microbatch i is rows i, i + k, i + 2k, ... of the batch: every device's contiguous shard holds rows of
     every microbatch, so each microbatch runs on all devices with 1/k of their rows (no gather of the batch).
     ``batch_sharding`` pins each slice to the batch's sharding.
+
+    ``metrics["nonfinite"]`` flags a step whose loss, gradient norm or updated parameters are not finite (see
+    ``nonfinite_flags``), so the loop can stop before such a state is saved; with ``skip_nonfinite`` that update
+    is not applied (parameters and optimizer state stay as they were) and the step counts as skipped.
     """
     model = T5(cfg)
     rng = jax.random.fold_in(seed_key, state.step)
@@ -175,16 +180,54 @@ def train_step(
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    flags = nonfinite_flags(loss, grad_norm, params)
+    if skip_nonfinite:
+        bad = flags > 0
+        params = jax.tree.map(lambda new, old: jnp.where(bad, old, new), params, state.params)
+        opt_state = jax.tree.map(lambda new, old: jnp.where(bad, old, new), opt_state, state.opt_state)
     metrics = {
         "loss": loss,
         "label_loss": aux["label_loss_sum"] / jnp.maximum(counts["label"], 1.0),
         "rationale_loss": aux["rationale_loss_sum"] / jnp.maximum(counts["rationale"], 1.0),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite": flags,
         "target_tokens": counts["all"],
         "nonpad_input_tokens": jnp.sum(batch["encoder_input_tokens"] != 0).astype(jnp.float32),
         **_sequence_counts(batch),
     }
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+NONFINITE_PARTS = ((1, "the loss"), (2, "the gradient norm"), (4, "the parameters after the update"))
+
+
+def nonfinite_flags(loss: jax.Array, grad_norm: jax.Array, params: Any) -> jax.Array:
+    """int32 bit flags, 0 for a sound step: 1 loss, 2 gradient norm, 4 updated parameters not finite.
+
+    The parameters are checked as well as the gradient: a finite gradient times a huge learning rate can still
+    overflow them, and the loss is computed before the update, so it alone would pass a ruined state.
+    """
+    params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    return (
+        (~jnp.isfinite(loss)).astype(jnp.int32)
+        | ((~jnp.isfinite(grad_norm)).astype(jnp.int32) << 1)
+        | ((~params_ok).astype(jnp.int32) << 2)
+    )
+
+
+@jax.jit
+def track_nonfinite(acc: jax.Array, flags: jax.Array, step: jax.Array) -> jax.Array:
+    """``acc`` = [first flagged step (0: none), its flags, flagged steps so far]; stays on device, so the loop
+    learns where divergence started without waiting for the device every step."""
+    hit = flags > 0
+    first = (acc[0] == 0) & hit
+    return jnp.stack([jnp.where(first, step, acc[0]), jnp.where(first, flags, acc[1]), acc[2] + hit.astype(jnp.int32)])
+
+
+def describe_nonfinite(flags: int) -> str:
+    parts = [name for bit, name in NONFINITE_PARTS if flags & bit]
+    return (" and ".join(parts) or "nothing") + (" is" if len(parts) == 1 else " are") + " not finite"
 
 
 def eval_step(params: Any, batch: Batch, *, cfg: T5Config) -> dict[str, jax.Array]:
@@ -232,6 +275,7 @@ def jit_train_step(
     layout: StateLayout,
     batch_sharding: NamedSharding,
     mesh: Mesh,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     fn = functools.partial(
         train_step,
@@ -241,6 +285,7 @@ def jit_train_step(
         microbatches=microbatches,
         seed_key=jax.random.PRNGKey(seed),
         batch_sharding=batch_sharding,
+        skip_nonfinite=skip_nonfinite,
     )
     return jax.jit(
         fn,

@@ -1,0 +1,245 @@
+"""Nothing lost, nothing silent: damaged checkpoints are named and skipped, data positions are pruned with their
+checkpoints, divergence stops the run before a bad state is saved, and metrics.jsonl is strict JSON with each step
+once. The integration tests run the real CLIs on the toy task with real Orbax checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import train_cmd, xla_env
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dss_jax import checkpoints, configs, train
+
+
+def _strict_rows(model_dir):
+    """metrics.jsonl rows, parsed strictly: NaN/Infinity tokens raise."""
+
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    text = (model_dir / "metrics.jsonl").read_text()
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+def _params(step_dir):
+    return ocp.StandardCheckpointer().restore(step_dir / "state")["params"]
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _steps(d):
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+# --- checksums ------------------------------------------------------------------------------------------------
+
+
+def test_checksums_are_mesh_independent_and_catch_small_changes():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 48)).astype(np.float32)
+    tree = {"params": {"a": a, "b": rng.standard_normal((7,)).astype(jnp.bfloat16)}, "step": np.int32(3)}
+    ref = checkpoints.tree_checksums(tree)
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded = {
+        "params": {"a": jax.device_put(a, NamedSharding(mesh, P("y", "x"))), "b": tree["params"]["b"]},
+        "step": tree["step"],
+    }
+    assert checkpoints.tree_checksums(sharded) == ref  # order-free sums: any mesh gives the same bits
+    swapped, signs = a.copy(), a.copy()
+    swapped[[3, 4], [4, 3]] = swapped[[4, 3], [3, 4]]
+    signs[0, :2] = -signs[0, :2]  # two sign bits: invisible to plain and position-weighted sums
+    for changed in (swapped, signs):
+        assert checkpoints.tree_checksums({**tree, "params": {**tree["params"], "a": changed}})["params/a"] != ref["params/a"]
+
+
+def test_restored_values_that_differ_from_the_saved_checksums_name_the_step(tmp_path):
+    tree = {"params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}}
+    step_dir = tmp_path / "checkpoints" / "7"
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as mgr:
+        args = {
+            "state": ocp.args.StandardSave(tree),
+            checkpoints.CHECKSUM_ITEM: ocp.args.JsonSave(checkpoints.checksum_record(tree)),
+        }
+        mgr.save(7, args=ocp.args.Composite(**args))
+    record = checkpoints.read_checksums(step_dir)
+    checkpoints.verify_checksums(tree, record, step_dir, trusted_without=False)
+    bad = {"params": {"w": tree["params"]["w"] + np.eye(3, 4, dtype=np.float32)}}
+    with pytest.raises(checkpoints.CheckpointDamagedError, match=r"step 7 is damaged: 1 of 1 arrays .*params/w"):
+        checkpoints.verify_checksums(bad, record, step_dir, trusted_without=False)
+    with pytest.raises(checkpoints.CheckpointDamagedError, match="step 7 has no checksum record"):
+        checkpoints.verify_checksums(tree, None, step_dir, trusted_without=False)
+
+
+def test_strict_metric_rows_and_truncation_after_resume(tmp_path):
+    row = json.loads(train.strict_json_row({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "x": 1.0}))
+    assert row == {"step": 3, "loss": None, "grad_norm": None, "x": 1.0, "nonfinite": ["loss", "grad_norm"]}
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps({"step": s, "kind": "train"}) + "\n" for s in range(1, 6)) + '{"step": 6, "ki')
+    train.truncate_metrics(f, 3)
+    assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [1, 2, 3]
+
+
+# --- damaged checkpoints, pruning, resume ---------------------------------------------------------------------
+
+
+def _damage_random(step_dir, rng, key=b"params.token_embedder.embedding/0.0"):
+    """4 KiB of random bytes written in place (same file size) over the middle of one array's stored chunk, found
+    through the checkpoint's own key-value store, so the damage is in parameters that dss-eval reads too."""
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{step_dir / 'state'}/"}).result()
+    raw = kv.read(key).result().value
+    for f in (p for p in (step_dir / "state").rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        at = data.find(raw)
+        if at >= 0:
+            with open(f, "r+b") as h:
+                h.seek(at + len(raw) // 2 - 2048)
+                h.write(rng.bytes(4096))
+            assert f.stat().st_size == len(data)
+            return
+    raise AssertionError(f"chunk {key} not found under {step_dir}")
+
+
+def _truncate(step_dir):
+    f = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(f, "r+b") as h:
+        h.truncate(f.stat().st_size // 2)
+
+
+@pytest.mark.slow
+def test_damaged_steps_are_named_skipped_and_redone(tmp_path, toy_jsonl):
+    run = tmp_path / "run"
+    cmd = train_cmd(
+        run,
+        toy_jsonl,
+        "--gin.TRAIN_STEPS=6",
+        "--gin.train.train.checkpoint_every=1",
+        "--gin.train.train.keep_checkpoints=3",
+        "--gin.train.train.eval_every=3",
+        "--gin.train.train.evaluate_test=False",
+    )
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    kept = _steps(ckpts)
+    assert kept[-3:] == [4, 5, 6] and len(kept) <= 4, kept  # keep 3 + the best
+    # data positions (35 MB each here, 1 MB checkpoints) live and die with their checkpoints
+    assert _steps(run / "data") == kept
+    want = {jax.tree_util.keystr(k): np.asarray(v) for k, v in _leaves(_params(ckpts / "6"))}
+
+    rng = np.random.default_rng(0)
+    _damage_random(ckpts / "6", rng)  # garbage values, or a zstd error without a name
+    _truncate(ckpts / "5")  # a partial file: TensorStore errors without a name
+
+    ev = subprocess.run(
+        [sys.executable, "-m", "dss_jax.evaluate", f"--model_dir={run}", f"--checkpoint={ckpts / '6'}"],
+        env=xla_env(1),
+        capture_output=True,
+        text=True,
+    )
+    assert ev.returncode == 2, ev.stderr[-3000:]
+    errors = [line for line in ev.stderr.splitlines() if line.startswith("dss-eval: error")]
+    assert len(errors) == 1 and "Traceback" not in ev.stderr, ev.stderr[-3000:]
+    assert "step 6 is damaged" in errors[0] and f"--checkpoint={ckpts / '4'}" in errors[0], errors[0]
+
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 6 is damaged" in r.stderr and "step 5 is damaged" in r.stderr, r.stderr[-3000:]
+    fallback = [line for line in r.stderr.splitlines() if "resuming from step 4, the newest intact checkpoint" in line]
+    assert len(fallback) == 1 and "6, 5" in fallback[0], r.stderr[-3000:]
+    assert sorted(p.name.split("-")[0] for p in (run / "damaged").iterdir()) == ["5", "6"]
+    # steps 5 and 6 redone from step 4 end exactly where the undamaged run ended
+    got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in _leaves(_params(ckpts / "6"))}
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    rows = _strict_rows(run)
+    keys = [(row["step"], row["kind"]) for row in rows]
+    assert len(keys) == len(set(keys)), keys  # each step once after the resume
+    assert [s for s, k in keys if k == "train"] == list(range(1, 7))
+    assert _steps(run / "data") == _steps(ckpts)
+
+
+# --- divergence -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_divergence_stops_before_a_bad_state_is_saved(tmp_path, toy_jsonl):
+    run = tmp_path / "diverge"
+    cmd = train_cmd(
+        run,
+        toy_jsonl,
+        "--gin.TRAIN_STEPS=8",
+        "--gin.train.train.checkpoint_every=1",
+        "--gin.train.train.eval_every=1",
+        "--gin.train.train.evaluate_test=False",
+        "--gin.optim.learning_rate_schedule.base_learning_rate=1e30",
+        "--gin.optim.make_optimizer.grad_clip_norm=None",
+    )
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr[-3000:]
+    rows = [row for row in _strict_rows(run) if row["kind"] == "train"]
+    bad = [row["step"] for row in rows if row.get("nonfinite")]
+    first = bad[0]  # the step that diverged, from the metrics themselves
+    assert all(np.isfinite(row["grad_norm"]) and np.isfinite(row["loss"]) for row in rows if row["step"] < first)
+    assert f"at step {first} " in r.stderr and "not finite" in r.stderr, r.stderr[-2000:]
+    assert f"The last good checkpoint is step {first - 1} " in r.stderr, r.stderr[-2000:]
+    saved = _steps(run / "checkpoints")
+    assert saved and max(saved) == first - 1, saved
+    best = ocp.CheckpointManager(
+        run / "checkpoints",
+        options=ocp.CheckpointManagerOptions(read_only=True, best_fn=lambda m: m["accuracy"], best_mode="max"),
+    ).best_step()
+    assert best is None or best < first
+    for s in saved:  # latest, best and everything else on disk is finite
+        assert all(np.isfinite(np.asarray(v)).all() for _, v in _leaves(_params(run / "checkpoints" / str(s))))
+
+
+def test_skip_mode_leaves_the_state_as_it_was_and_flags_the_step():
+    """The pure train step: with a huge learning rate step 1 still lands on finite (huge) parameters and step 2
+    overflows; in skip mode step 2's update is dropped, so parameters and optimizer state stay bit for bit."""
+    from dss_jax import losses, optim, partitioning, trainer
+
+    cfg = configs.model_config("t5_1_1_tiny", dtype="float32", dropout_rate=0.0, vocab_size=64)
+    tx = optim.make_optimizer(name="adamw", learning_rate=1e30, grad_clip_norm=None)
+    mesh_cfg = partitioning.MeshConfig(data=1, fsdp=1, model=1)
+    mesh = partitioning.make_mesh(mesh_cfg)
+    layout = trainer.state_layout(cfg, tx, mesh, mesh_cfg.rules)
+    bsh = partitioning.batch_sharding(mesh, mesh_cfg.rules)
+    rng = np.random.RandomState(0)
+    tgt = rng.randint(2, 64, size=(2, 8)).astype(np.int32)
+    batch = {
+        "encoder_input_tokens": rng.randint(2, 64, size=(2, 8)).astype(np.int32),
+        "decoder_target_tokens": tgt,
+        "decoder_input_tokens": np.concatenate([np.zeros((2, 1), np.int32), tgt[:, :-1]], 1),
+        "decoder_loss_weights": np.ones_like(tgt),
+        "decoder_task_ids": np.ones_like(tgt),
+    }
+    step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), 1, 0, layout, bsh, mesh, skip_nonfinite=True)
+    acc = jnp.zeros((3,), jnp.int32)
+    with jax.set_mesh(mesh):
+        state = trainer.init_state(cfg, tx, layout, 0)
+        gb = partitioning.global_batch(batch, bsh)
+        state, m1 = step(state, gb)
+        acc = trainer.track_nonfinite(acc, m1["nonfinite"], 1)
+        before = jax.device_get((state.params, state.opt_state))
+        state, m2 = step(state, gb)
+        acc = trainer.track_nonfinite(acc, m2["nonfinite"], 2)
+        after = jax.device_get((state.params, state.opt_state))
+    assert int(m1["nonfinite"]) == 0 and int(m2["nonfinite"]) > 0
+    assert int(state.step) == 2  # the step counts (data and dropout move on); the update does not
+    for (k, a), (_, b) in zip(_leaves(before), _leaves(after)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(k))
+    assert all(np.isfinite(np.asarray(v)).all() for _, v in _leaves(after[0]))
+    first, flags, count = (int(x) for x in acc)
+    assert (first, count) == (2, 1) and "not finite" in trainer.describe_nonfinite(flags)
