@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 
 LOSS_MODES = ("task_weighted", "token_mean")
+# The task id each target token carries (``decoder_task_ids``); 0 is padding. The data layer writes them
+# (tasks/registry.py), the losses and metrics read them; defined here, where no TensorFlow is needed.
+LABEL_TASK_ID, RATIONALE_TASK_ID = 1, 2
 
 
 @gin.configurable
@@ -59,8 +62,8 @@ def task_token_counts(weights: jax.Array, task_ids: jax.Array) -> dict[str, jax.
     w = weights.astype(jnp.float32)
     return {
         "all": jnp.sum(w),
-        "label": jnp.sum(w * (task_ids == 1)),
-        "rationale": jnp.sum(w * (task_ids == 2)),
+        "label": jnp.sum(w * (task_ids == LABEL_TASK_ID)),
+        "rationale": jnp.sum(w * (task_ids == RATIONALE_TASK_ID)),
     }
 
 
@@ -72,8 +75,8 @@ def weighted_loss(
     w = weights.astype(jnp.float32)
     if cfg.mode == "token_mean":
         return jnp.sum(losses * w) / jnp.maximum(counts["all"], 1.0)
-    label = jnp.sum(losses * w * (task_ids == 1)) / jnp.maximum(counts["label"], 1.0)
-    rationale = jnp.sum(losses * w * (task_ids == 2)) / jnp.maximum(counts["rationale"], 1.0)
+    label = jnp.sum(losses * w * (task_ids == LABEL_TASK_ID)) / jnp.maximum(counts["label"], 1.0)
+    rationale = jnp.sum(losses * w * (task_ids == RATIONALE_TASK_ID)) / jnp.maximum(counts["rationale"], 1.0)
     # A batch without rationale tokens (baselines) is plain label training; without label tokens, the reverse.
     has_l, has_r = counts["label"] > 0, counts["rationale"] > 0
     a = jnp.where(has_l & has_r, cfg.alpha, jnp.where(has_l, 1.0, 0.0))

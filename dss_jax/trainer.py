@@ -21,6 +21,8 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
 from dss_jax import losses, partitioning
+from dss_jax.losses import LABEL_TASK_ID as LABEL
+from dss_jax.losses import RATIONALE_TASK_ID as RATIONALE
 from dss_jax.model import T5, T5Config
 
 Batch = dict[str, jax.Array]
@@ -96,8 +98,8 @@ def _forward(model: T5, params: Any, batch: Batch, deterministic: bool, rng: jax
 
 def _task_sums(tl: jax.Array, w: jax.Array, tids: jax.Array) -> dict[str, jax.Array]:
     return {
-        "label_loss_sum": jnp.sum(tl * w * (tids == 1)),
-        "rationale_loss_sum": jnp.sum(tl * w * (tids == 2)),
+        "label_loss_sum": jnp.sum(tl * w * (tids == LABEL)),
+        "rationale_loss_sum": jnp.sum(tl * w * (tids == RATIONALE)),
     }
 
 
@@ -108,8 +110,8 @@ def _sequence_counts(batch: Batch) -> dict[str, jax.Array]:
     prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
     start = (seg > 0) & (seg != prev)
     return {
-        "label_sequences": jnp.sum(start & (tids == 1)).astype(jnp.float32),
-        "rationale_sequences": jnp.sum(start & (tids == 2)).astype(jnp.float32),
+        "label_sequences": jnp.sum(start & (tids == LABEL)).astype(jnp.float32),
+        "rationale_sequences": jnp.sum(start & (tids == RATIONALE)).astype(jnp.float32),
     }
 
 
@@ -244,11 +246,11 @@ def eval_step(params: Any, batch: Batch, *, cfg: T5Config) -> dict[str, jax.Arra
     correct = (jnp.argmax(logits, -1) == targets) | (w == 0)
     row_valid = jnp.sum(w, axis=1) > 0
     row_em = jnp.all(correct, axis=1) & row_valid
-    row_label = row_valid & (tids[:, 0] == 1)
+    row_label = row_valid & (tids[:, 0] == LABEL)
     return {
         **_task_sums(tl, w, tids),
-        "label_tokens": jnp.sum(w * (tids == 1)),
-        "rationale_tokens": jnp.sum(w * (tids == 2)),
+        "label_tokens": jnp.sum(w * (tids == LABEL)),
+        "rationale_tokens": jnp.sum(w * (tids == RATIONALE)),
         "label_exact": jnp.sum(row_em & row_label).astype(jnp.float32),
         "label_rows": jnp.sum(row_label).astype(jnp.float32),
     }

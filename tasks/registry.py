@@ -33,9 +33,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from dss_jax.losses import LABEL_TASK_ID, RATIONALE_TASK_ID
 from dss_jax.tasks import arithmetic, readers, tfds_builder
 
-LABEL_TASK_ID, RATIONALE_TASK_ID = 1, 2
 TASK_IDS = {"label": LABEL_TASK_ID, "rationale": RATIONALE_TASK_ID}
 SINGLE_TASK_SEPARATOR = " So the answer is "
 METHODS = ("dss", "finetune", "distill", "single_task")
