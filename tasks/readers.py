@@ -212,11 +212,12 @@ def read_split(data_dir: Path, benchmark: str, split: str) -> list[Example]:
 
 
 def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Users' own data: JSON Lines with ``input``, ``label`` and optionally ``rationale`` and ``llm_label``."""
+    """Users' own data: JSON Lines with ``input``, ``label`` and optionally ``rationale``, ``llm_label`` and
+    ``input_b`` (a second segment joined to the input by EOS, as the NLI hypothesis; dss-teacher writes it)."""
     path = Path(path)
     out = []
     for i, (lineno, row) in enumerate(read_jsonl_lines(path, ("input", "label"))):
-        for key in ("input", "label", "rationale", "llm_label"):
+        for key in ("input", "label", "rationale", "llm_label", "input_b"):
             if key in row and not isinstance(row[key], str):
                 raise DataFormatError(f"{path}:{lineno}: field {key!r} must be a string, got {type(row[key]).__name__}")
         for key in ("input", "label"):
@@ -227,7 +228,7 @@ def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
             Example(
                 i,
                 row["input"],
-                "",
+                row.get("input_b", ""),
                 row["label"],
                 row.get("rationale", ""),
                 row.get("llm_label", ""),

@@ -50,3 +50,12 @@ def test_empty_strings_are_named(tmp_path, field):
     f = _write(tmp_path, b'{"input": "x", "label": "y"}\n' + json.dumps(row).encode() + b"\n")
     with pytest.raises(readers.DataFormatError, match=rf"train.jsonl:2: field '{field}' is empty"):
         readers.read_user_jsonl(f)
+
+
+def test_second_segment_input_b_is_read(tmp_path):
+    """dss-teacher writes the NLI hypothesis as ``input_b``; training on its output must keep it."""
+    f = _write(tmp_path, b'{"input": "A man sleeps.", "input_b": "A person rests.", "label": "entailment"}\n')
+    assert [(e.input, e.input_b) for e in readers.read_user_jsonl(f)] == [("A man sleeps.", "A person rests.")]
+    f = _write(tmp_path, b'{"input": "a", "input_b": 7, "label": "b"}\n')
+    with pytest.raises(readers.DataFormatError, match=r"train.jsonl:1: field 'input_b' must be a string"):
+        readers.read_user_jsonl(f)
