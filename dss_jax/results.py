@@ -63,6 +63,8 @@ def collect(root: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": str(d.relative_to(root))}
         for k, name in FIELDS.items():
             row[k] = gin_values.get(name, DEFAULTS.get(k))
+        if row["method"] != "dss":
+            row["alpha"] = None  # the task weight a is a DSS setting; the baselines' loss has no a
         cfg_file = d / "dss_config.json"
         if cfg_file.exists():
             import jax

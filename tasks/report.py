@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab_size", type=int, default=2000)
     p.add_argument("--show", type=int, default=0, help="print N formatted examples per split as the model sees them")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
+    p.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up messages")
     args = p.parse_args(argv)
+    if not args.verbose:
+        from dss_jax import configs
+
+        configs.quiet_data_layer_imports()
     try:
         data_dir = Path(args.data_dir) if args.data_dir else (None if args.user_jsonl else readers.default_data_dir())
         rows, shows = [], []
