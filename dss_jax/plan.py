@@ -178,6 +178,23 @@ def plan(
     }
 
 
+def apply_partitioning_gin(args: argparse.Namespace, name: str) -> None:
+    """Sets the mesh, remat and scan arguments from a partitioning gin file's bindings (read as literals, never
+    executed), so that what dss-plan measures is what a run including that file binds."""
+    from dss_jax import configs
+    from dss_jax.results import read_gin_values
+
+    path = configs.GIN_DIR / "partitioning" / f"{name}.gin"
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}")
+    v = read_gin_values(path)
+    args.data = int(v["partitioning.MeshConfig.data"])
+    args.fsdp = int(v["partitioning.MeshConfig.fsdp"])
+    args.model_parallel = int(v["partitioning.MeshConfig.model"])
+    args.remat = str(v["model.T5Config.remat_policy"])
+    args.no_scan = not bool(v["model.T5Config.scan_layers"])
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU topology; never initialise one here
     p = argparse.ArgumentParser(prog="dss-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,8 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation slices of the batch")
     p.add_argument("--attention_block", type=int, default=512, help="query/key block of the attention")
+    p.add_argument(
+        "--partitioning",
+        default=None,
+        help="take the mesh, remat and scan from gin/partitioning/NAME.gin (what a run with that file binds)",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.partitioning:
+        try:
+            apply_partitioning_gin(a, a.partitioning)
+        except (FileNotFoundError, KeyError) as e:
+            print(f"dss-plan: --partitioning {a.partitioning}: {e}", file=sys.stderr)
+            return 2
     rows = []
     for topo in a.topology:
         try:

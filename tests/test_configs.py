@@ -42,3 +42,21 @@ def test_every_model_gin_parses_on_its_own():
     for name in names:
         cfg = configs.model_config(name)
         assert cfg.num_heads * cfg.d_kv > 0
+
+
+def test_partitioning_gins_state_what_their_own_bindings_measured():
+    """Each gin/partitioning file's figures come from `dss-plan --partitioning <that file>`, which reads the file's
+    own mesh/remat/scan bindings: a comment cannot describe a setting the file does not bind."""
+    import argparse
+
+    from dss_jax import configs, plan
+
+    for f in sorted((configs.GIN_DIR / "partitioning").glob("*.gin")):
+        cmds = [line for line in f.read_text().splitlines() if line.startswith("#") and "dss-plan" in line]
+        assert cmds, f"{f.name}: no dss-plan command in its comment"
+        for line in cmds:
+            assert f"--partitioning {f.stem}" in line, f"{f.name}: {line.strip()}"
+            assert not any(flag in line for flag in ("--fsdp", "--data ", "--remat", "--no_scan")), line
+        args = argparse.Namespace()
+        plan.apply_partitioning_gin(args, f.stem)
+        assert args.remat in ("none", "full", "minimal") and args.fsdp != 0
