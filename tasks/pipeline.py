@@ -185,6 +185,13 @@ class SeqioData:
             )
         else:
             registry.register_benchmark(self.benchmark, self.vocabulary)
+        splits = self.source.splits
+        if "train" not in splits:
+            where = self.source.data_dir or self.user_train_file
+            raise FileNotFoundError(
+                f"{self.benchmark}: no training split in {where} (splits there: {', '.join(splits) or 'none'}); "
+                "get the benchmark's files from the paper's repository (google-research/distilling-step-by-step)"
+            )
         self.task = registry.task_name(self.benchmark, self.method, self.label_source, self.mixing)
         self.selection_task = registry.eval_task_name(self.benchmark, self.method)
         self.eval_tasks = [self.selection_task] + ([f"{self.benchmark}_rationale"] if self.method == "dss" else [])
