@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dss_jax.convert import Params, check_tree, flatten, stack_layers, unstack_layers
 from dss_jax.model import T5Config
+from dss_jax.params import Params, abstract_boxed_params, check_shapes, check_tree, flatten, stack_layers, unstack_layers
 
 CONFIG_FILE = "dss_config.json"
 
@@ -134,9 +134,6 @@ def newest_intact_step_dir(damaged: Path, cfg: T5Config) -> Path | None:
 def _restore_train_params(step_dir: Path, cfg: T5Config, shardings: Any) -> Any:
     from flax import linen as nn
 
-    from dss_jax.convert import CheckpointMismatchError
-    from dss_jax.trainer import abstract_boxed_params
-
     state_dir = step_dir / "state"
     if not state_dir.is_dir():
         raise FileNotFoundError(f"{state_dir} not found: not a trainer checkpoint step")
@@ -147,16 +144,7 @@ def _restore_train_params(step_dir: Path, cfg: T5Config, shardings: Any) -> Any:
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
     stored = {k: tuple(v.shape) for k, v in flatten(dict(tree)["params"]).items()}
     abstract = nn.meta.unbox(abstract_boxed_params(cfg))
-    want = {k: tuple(v.shape) for k, v in flatten(abstract).items()}
-    problems = [f"missing tensor {k} (model expects {want[k]})" for k in sorted(set(want) - set(stored))]
-    problems += [f"unexpected tensor {k} {stored[k]}" for k in sorted(set(stored) - set(want))]
-    problems += [
-        f"tensor {k} has shape {stored[k]}, model expects {want[k]}"
-        for k in sorted(set(want) & set(stored))
-        if stored[k] != want[k]
-    ]
-    if problems:
-        raise CheckpointMismatchError(f"{state_dir} does not match the model config:\n  " + "\n  ".join(problems))
+    check_shapes(stored, {k: tuple(v.shape) for k, v in flatten(abstract).items()}, str(state_dir))
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     target = {"params": abstract}

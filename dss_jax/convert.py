@@ -21,11 +21,19 @@ from typing import Any
 import numpy as np
 
 from dss_jax.model import T5Config
+from dss_jax.params import (  # noqa: F401 - re-exported: the tree helpers' former home
+    CheckpointMismatchError,
+    Flat,
+    Params,
+    check_tree,
+    flatten,
+    stack_layers,
+    unflatten,
+    unstack_layers,
+)
 
 log = logging.getLogger(__name__)
 
-Params = dict[str, Any]
-Flat = dict[str, np.ndarray]
 
 # HF config.json field -> T5Config field (same name unless listed).
 _HF_RENAMES = {"num_layers": "num_encoder_layers"}
@@ -47,10 +55,6 @@ _HF_FIELDS = (
     "eos_token_id",
     "decoder_start_token_id",
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's tensors do not match the model: names the tensors and both shapes."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -102,89 +106,6 @@ def config_to_hf(cfg: T5Config) -> dict[str, Any]:
         }
     )
     return hf
-
-
-# ----------------------------------------------------------------------------- tree helpers
-
-
-def flatten(tree: Params, prefix: str = "") -> Flat:
-    out: Flat = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: Flat) -> Params:
-    tree: Params = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-def expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
-    """Parameter paths and shapes of the unscanned tree for ``cfg``, without allocating anything."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from dss_jax.model import T5
-
-    model = T5(cfg.replace(scan_layers=False))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)))
-    return {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(shapes["params"])).items()}
-
-
-def check_tree(flat: Flat, cfg: T5Config, source: str) -> None:
-    """Fails naming every missing, extra or mis-shaped tensor (with both shapes)."""
-    want = expected_shapes(cfg)
-    problems = []
-    for name in sorted(set(want) - set(flat)):
-        problems.append(f"missing tensor {name} (expected shape {want[name]})")
-    for name in sorted(set(flat) - set(want)):
-        problems.append(f"unexpected tensor {name} (shape {tuple(flat[name].shape)})")
-    for name in sorted(set(want) & set(flat)):
-        if tuple(flat[name].shape) != want[name]:
-            problems.append(f"tensor {name} has shape {tuple(flat[name].shape)}, model expects {want[name]}")
-    if problems:
-        raise CheckpointMismatchError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
-
-
-def stack_layers(params: Params) -> Params:
-    """``layers_<i>`` subtrees -> one ``layers`` subtree with a leading layer axis (scan_layers layout)."""
-    import jax
-
-    out = dict(params)
-    for stack in ("encoder", "decoder"):
-        sub = dict(out[stack])
-        names = sorted((k for k in sub if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
-        if names:
-            sub["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[sub.pop(n) for n in names])
-        out[stack] = sub
-    return out
-
-
-def unstack_layers(params: Params) -> Params:
-    """Inverse of :func:`stack_layers`."""
-    import jax
-
-    out = dict(params)
-    for stack in ("encoder", "decoder"):
-        sub = dict(out[stack])
-        if "layers" in sub:
-            layers = sub.pop("layers")
-            n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-            for i in range(n):
-                sub[f"layers_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], layers)
-        out[stack] = sub
-    return out
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -373,6 +294,25 @@ def _flatten_any(tree: Any, prefix: str = "") -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CLI
 
 
+def _read_dss(src: Path) -> tuple[Params, T5Config, Path | None]:
+    """Parameters, config and spiece.model of a pretrained dir, or of a trainer's model dir / checkpoint step
+    (the model dir's best checkpoint, else its latest)."""
+    import jax
+
+    from dss_jax import checkpoints
+
+    if (src / checkpoints.CONFIG_FILE).exists() and not (src / "checkpoints").is_dir():
+        return checkpoints.load_pretrained(src)
+    step_dir = checkpoints.resolve_step_dir(src)
+    model_dir = step_dir.parent.parent
+    cfg = checkpoints.read_config(model_dir)
+    params = jax.tree.map(np.asarray, checkpoints.restore_train_params(step_dir, cfg))
+    if cfg.scan_layers:
+        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False)
+    spm = model_dir / "spiece.model"
+    return params, cfg, spm if spm.exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from dss_jax import checkpoints
 
@@ -397,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             spm = Path(args.src) / "spiece.model"
             checkpoints.save_pretrained(args.dst, params, cfg, spiece_model=spm if spm.exists() else None)
         elif args.cmd == "dss-to-hf":
-            params, cfg, spm = checkpoints.load_pretrained(args.src)
+            params, cfg, spm = _read_dss(Path(args.src))
             save_hf(params, cfg, args.dst, spiece_model=spm)
         else:
             if bool(args.hf_config) == bool(args.model):

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from dss_jax import checkpoints, configs, convert, decoding, partitioning, scoring
-from dss_jax.trainer import abstract_boxed_params
+from dss_jax.params import abstract_boxed_params
 
 # One gin unit with the run files' imports, so that --gin.NAME=VALUE overrides resolve in it too.
 _DATA_BINDING = """

@@ -70,7 +70,7 @@ def collect(root: Path) -> list[dict[str, Any]]:
             import jax
 
             from dss_jax.checkpoints import read_config
-            from dss_jax.trainer import abstract_boxed_params
+            from dss_jax.params import abstract_boxed_params
 
             row["params_m"] = round(
                 sum(x.size for x in jax.tree_util.tree_leaves(abstract_boxed_params(read_config(d)))) / 1e6, 2

@@ -24,6 +24,7 @@ from dss_jax import losses, partitioning
 from dss_jax.losses import LABEL_TASK_ID as LABEL
 from dss_jax.losses import RATIONALE_TASK_ID as RATIONALE
 from dss_jax.model import T5, T5Config
+from dss_jax.params import abstract_boxed_params
 
 Batch = dict[str, jax.Array]
 
@@ -42,12 +43,6 @@ class StateLayout:
     abstract: TrainState
     shardings: TrainState
     boxed_params: Any
-
-
-def abstract_boxed_params(cfg: T5Config) -> Any:
-    model = T5(cfg)
-    dummy = jnp.ones((1, 8), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
 
 
 def state_layout(cfg: T5Config, tx: optax.GradientTransformation, mesh: Mesh, rules: Any) -> StateLayout:

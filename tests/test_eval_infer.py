@@ -146,3 +146,23 @@ def test_export_hf_loads_in_transformers_and_matches(trained_on_8, tmp_path):
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(), labels=torch.tensor(tgt)
         ).logits.numpy()
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_dss_convert_exports_a_trainer_step_like_dss_eval_does(trained_on_8, tmp_path):
+    """`dss-convert dss-to-hf` takes a trainer's checkpoint step (or model dir), not only a pretrained dir."""
+    from safetensors.numpy import load_file
+
+    model_dir, _ = trained_on_8
+    outs = {}
+    for name, src in (("step", model_dir / "checkpoints" / "60"), ("model_dir", model_dir)):
+        outs[name] = tmp_path / name
+        r = subprocess.run(
+            [sys.executable, "-m", "dss_jax.convert", "dss-to-hf", str(src), str(outs[name])],
+            env=xla_env(1),
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_file(outs["step"] / "model.safetensors"), load_file(outs["model_dir"] / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (outs["step"] / "spiece.model").exists() and (outs["step"] / "config.json").exists()
