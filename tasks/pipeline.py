@@ -18,7 +18,7 @@ import seqio
 import tensorflow as tf
 
 from dss_jax import batching
-from dss_jax.tasks import registry
+from dss_jax.tasks import readers, registry
 
 
 class DssEncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -192,9 +192,22 @@ class SeqioData:
                 f"{self.benchmark}: no training split in {where} (splits there: {', '.join(splits) or 'none'}); "
                 "get the benchmark's files from the paper's repository (google-research/distilling-step-by-step)"
             )
+        if self.user_train_file and (self.method != "finetune" or self.label_source == "llm"):
+            self._check_teacher_outputs()
         self.task = registry.task_name(self.benchmark, self.method, self.label_source, self.mixing)
         self.selection_task = registry.eval_task_name(self.benchmark, self.method)
         self.eval_tasks = [self.selection_task] + ([f"{self.benchmark}_rationale"] if self.method == "dss" else [])
+
+    def _check_teacher_outputs(self) -> None:
+        """Methods that learn from the teacher need its rationales (DSS, single-task) or labels (distillation)."""
+        train = readers.read_user_jsonl(self.user_train_file)
+        field = "llm_label" if self.method == "distill" or self.label_source == "llm" else "rationale"
+        if not any(getattr(e, field) for e in train):
+            raise ValueError(
+                f"{self.user_train_file}: none of its {len(train)} rows has a {field!r}, which method "
+                f"{self.method!r} learns from. Add the teacher's rationales and labels (e.g. with dss-teacher), or train "
+                "on the labels alone with runs/finetune.gin (method 'finetune')"
+            )
 
     @property
     def vocabulary_file(self) -> str:

@@ -59,3 +59,17 @@ def test_second_segment_input_b_is_read(tmp_path):
     f = _write(tmp_path, b'{"input": "a", "input_b": 7, "label": "b"}\n')
     with pytest.raises(readers.DataFormatError, match=r"train.jsonl:1: field 'input_b' must be a string"):
         readers.read_user_jsonl(f)
+
+
+def test_dss_on_rows_without_rationales_says_what_to_do(tmp_path):
+    """The README allows rows without rationales; DSS needs them: one error naming the file and the way out."""
+    from dss_jax.tasks import pipeline, vocab
+
+    f = _write(tmp_path, b"".join(b'{"input": "w%d x", "label": "w%d"}\n' % (i, i) for i in range(40)))
+    v = vocab.get_vocabulary(train_on=str(f), vocab_size=60)
+    with pytest.raises(ValueError, match=r"train.jsonl: none of its 40 rows has a 'rationale'.*dss-teacher.*finetune"):
+        pipeline.SeqioData(benchmark="norat", method="dss", vocabulary=v, user_train_file=str(f), pack=False)
+    with pytest.raises(ValueError, match=r"has a 'llm_label'"):
+        pipeline.SeqioData(benchmark="norat2", method="distill", vocabulary=v, user_train_file=str(f), pack=False)
+    data = pipeline.SeqioData(benchmark="norat3", method="finetune", vocabulary=v, user_train_file=str(f), pack=False)
+    assert data.task
