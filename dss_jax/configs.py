@@ -111,6 +111,41 @@ def parse_gin(files: list[str], bindings: list[str], finalize: bool = True) -> N
     except Exception as e:  # gin raises several types; the message names the file/line or binding
         print(f"error in gin config: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    unused = unused_macros([b.split("=", 1)[0].strip() for b in bindings if "=" in b])
+    if unused:
+        print(f"error in gin config: {unused}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _macro_references(value: object, out: set[str]) -> None:
+    if isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
+        out.add(value.config_key[0])
+    elif isinstance(value, dict):
+        for v in value.values():
+            _macro_references(v, out)
+    elif isinstance(value, (list, tuple, set)):
+        for v in value:
+            _macro_references(v, out)
+
+
+def unused_macros(bound_names: list[str]) -> str | None:
+    """A message naming the macros in ``bound_names`` (command-line bindings) that no binding reads, with the
+    closest macro that is read: ``--gin.SEEED=1`` would otherwise be ignored silently."""
+    import difflib
+
+    config = gin.config._CONFIG  # gin has no public listing of bound macros and their references
+    defined = {scope for scope, selector in config if selector == "gin.macro"}
+    used: set[str] = set()
+    for params in config.values():
+        _macro_references(params, used)
+    bad = [n for n in bound_names if "." not in n and "/" not in n and n in defined and n not in used]
+    if not bad:
+        return None
+    hints = []
+    for n in bad:
+        close = difflib.get_close_matches(n, sorted(used), n=1)
+        hints.append(f"{n}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return "macro " + ", ".join(hints) + " is bound but nothing in the config reads it"
 
 
 def model_config(name: str, **overrides: object) -> T5Config:

@@ -60,3 +60,20 @@ def test_partitioning_gins_state_what_their_own_bindings_measured():
         args = argparse.Namespace()
         plan.apply_partitioning_gin(args, f.stem)
         assert args.remat in ("none", "full", "minimal") and args.fsdp != 0
+
+
+def test_a_misspelt_macro_on_the_command_line_is_an_error_naming_it(capsys):
+    import gin
+    import pytest
+
+    from dss_jax import configs
+
+    gin.clear_config()
+    try:
+        with pytest.raises(SystemExit):
+            configs.parse_gin(["runs/quickstart.gin"], ["SEEED = 1"], finalize=False)
+        assert "macro SEEED (did you mean SEED?) is bound but nothing in the config reads it" in capsys.readouterr().err
+        gin.clear_config()
+        configs.parse_gin(["runs/quickstart.gin"], ["SEED = 1", "TRAIN_STEPS = 5"], finalize=False)  # read: fine
+    finally:
+        gin.clear_config()
