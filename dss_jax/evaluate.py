@@ -3,8 +3,10 @@
     dss-eval --model_dir DIR [--checkpoint DIR/checkpoints/STEP] [--split validation|test] [--rationales]
              [--num_beams N] [--rank_classification] [--continuous] [--export_hf OUT] [--gin.NAME=VALUE ...]
 
-Reads the run's ``config.gin`` from the model dir (data, vocabulary, task) and restores parameters onto the
-current devices, whatever mesh trained them. Writes ``eval/<split>_<step>_metrics.json``,
+Reads the model dir as data, never as code: the data spec in ``inference.json``, the vocabulary
+``spiece.model`` and the model config ``dss_config.json``; parameters are restored onto the current devices,
+whatever mesh trained them. Gin files and bindings given on the command line are code and run as such; a model
+dir's own ``config.gin`` is executed only with ``--trust_config_gin`` (model dirs written before the data spec). Writes ``eval/<split>_<step>_metrics.json``,
 ``eval/<split>_<step>_predictions.jsonl`` (input[, input_b], target, prediction[, rationale]) and TensorBoard
 summaries under ``eval/tb``. ``--continuous`` evaluates every checkpoint as it appears (like T5X's eval
 binary) until ``--max_wait_s`` passes without a new one.
@@ -27,8 +29,9 @@ import numpy as np
 from dss_jax import checkpoints, configs, convert, decoding, partitioning, scoring
 from dss_jax.params import abstract_boxed_params
 
-# One gin unit with the run files' imports, so that --gin.NAME=VALUE overrides resolve in it too.
-_DATA_BINDING = """
+# The run files' imports, so that --gin.NAME=VALUE overrides resolve (with --trust_config_gin, in one unit with
+# the model dir's config.gin).
+_GIN_IMPORTS = """
 from __gin__ import dynamic_registration
 from dss_jax import evaluate
 from dss_jax import losses
@@ -38,8 +41,8 @@ from dss_jax import partitioning
 from dss_jax.tasks import pipeline
 from dss_jax.tasks import registry
 from dss_jax.tasks import vocab
-evaluate.make_data.data = @pipeline.SeqioData()
 """
+_DATA_BINDING = _GIN_IMPORTS + "evaluate.make_data.data = @pipeline.SeqioData()\n"
 # The training mesh need not exist here: evaluate data-parallel over the devices present unless told otherwise.
 _MESH_DEFAULT = ["partitioning.MeshConfig.data = -1", "partitioning.MeshConfig.fsdp = 1", "partitioning.MeshConfig.model = 1"]
 
@@ -47,6 +50,24 @@ _MESH_DEFAULT = ["partitioning.MeshConfig.data = -1", "partitioning.MeshConfig.f
 @gin.configurable
 def make_data(data: Any = gin.REQUIRED) -> Any:
     return data
+
+
+def _load_data(model_dir: Path, files: list[str], bindings: list[str], trust_config_gin: bool) -> Any:
+    """The run's data from the model dir's data spec (JSON) and vocabulary; its config.gin only when trusted."""
+    fmt_file = model_dir / "inference.json"
+    spec = json.loads(fmt_file.read_text()).get("data") if fmt_file.exists() else None
+    if spec is None and not trust_config_gin:
+        raise FileNotFoundError(
+            f"{fmt_file} has no data spec (written before dss-eval read model dirs as data). Its config.gin is code: "
+            "if you trust this model dir, rerun with --trust_config_gin"
+        )
+    if spec is None:
+        configs.parse_gin([str(model_dir / "config.gin"), *files], [_DATA_BINDING, *_MESH_DEFAULT, *bindings], finalize=False)
+        return make_data()
+    configs.parse_gin(files, [_GIN_IMPORTS, *_MESH_DEFAULT, *bindings], finalize=False)
+    from dss_jax.tasks import pipeline, vocab
+
+    return pipeline.SeqioData.from_spec(spec, vocab.load_vocabulary(model_dir / "spiece.model"))
 
 
 def evaluate_step_dir(
@@ -183,13 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--continuous", action="store_true", help="evaluate each new checkpoint as it appears")
     p.add_argument("--max_wait_s", type=float, default=3600, help="with --continuous: stop after this long without a new one")
     p.add_argument("--export_hf", default=None, help="also write the checkpoint's student as a Hugging Face directory")
+    p.add_argument(
+        "--trust_config_gin",
+        action="store_true",
+        help="execute the model dir's config.gin (gin is code: only for your own model dirs without a data spec)",
+    )
+    p.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up messages")
     args = p.parse_args(rest)
     configs.setup_logging()
+    if not args.verbose:
+        configs.quiet_data_layer_imports()
     model_dir = Path(args.model_dir).resolve()
     out_dir = Path(args.output_dir) if args.output_dir else model_dir / "eval"
     try:
-        configs.parse_gin([str(model_dir / "config.gin"), *files], [_DATA_BINDING, *_MESH_DEFAULT, *bindings], finalize=False)
-        data = make_data()
+        data = _load_data(model_dir, files, bindings, args.trust_config_gin)
         if args.export_hf:
             step_dir = checkpoints.resolve_step_dir(args.checkpoint or model_dir)
             cfg = checkpoints.read_config(model_dir)

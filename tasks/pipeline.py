@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import gin
 import numpy as np
@@ -141,6 +142,19 @@ def eval_examples(name: str, split: str) -> list[dict]:
     return list(ds.as_numpy_iterator())
 
 
+DATA_SPEC_FIELDS = (
+    "benchmark",
+    "method",
+    "label_source",
+    "mixing",
+    "inputs_length",
+    "targets_length",
+    "user_train_file",
+    "user_validation_file",
+    "user_test_file",
+)
+
+
 @gin.configurable
 @dataclasses.dataclass
 class SeqioData:
@@ -224,7 +238,24 @@ class SeqioData:
             "inputs_length": self.inputs_length,
             "targets_length": self.targets_length,
             "eval_task": self.selection_task,
+            "data": self.data_spec(),
         }
+
+    def data_spec(self) -> dict:
+        """The fields that identify this data, as plain JSON: dss-eval rebuilds the data from them (and the
+        model dir's spiece.model) without executing anything in the model dir."""
+        spec = {k: getattr(self, k) for k in DATA_SPEC_FIELDS}
+        for k in ("user_train_file", "user_validation_file", "user_test_file"):
+            spec[k] = str(Path(spec[k]).resolve()) if spec[k] else None
+        return spec
+
+    @classmethod
+    def from_spec(cls, spec: dict, vocabulary: seqio.Vocabulary, **overrides: object) -> SeqioData:
+        """The inverse of :meth:`data_spec`; every value is checked to be a plain string, number or null."""
+        bad = [k for k, v in spec.items() if k not in DATA_SPEC_FIELDS or not isinstance(v, (str, int, type(None)))]
+        if bad:
+            raise ValueError(f"data spec: unexpected field or value for {', '.join(sorted(bad))}")
+        return cls(**spec, vocabulary=vocabulary, pack=False, **overrides)
 
     def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> BatchIterator:
         return train_batches(
