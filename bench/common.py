@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from dss_jax.losses import LABEL_TASK_ID, RATIONALE_TASK_ID
+
 # Dense bf16 peak FLOP/s per chip, for MFU. Unknown devices (CPUs) report no MFU.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -37,7 +39,7 @@ def synthetic_batch(
     tgt[:, max(1, int(fill * targets_length)) :] = 0
     dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
     w = (tgt != 0).astype(np.int32)
-    tids = (w * np.where(np.arange(batch)[:, None] % 2 == 0, 1, 2)).astype(np.int32)
+    tids = (w * np.where(np.arange(batch)[:, None] % 2 == 0, LABEL_TASK_ID, RATIONALE_TASK_ID)).astype(np.int32)
     return {
         "encoder_input_tokens": enc,
         "decoder_input_tokens": dec_in,
