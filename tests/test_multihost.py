@@ -57,9 +57,13 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)
     assert len(_losses(multi)) == 10
-    # each process wrote its own data-iterator position
-    written = {p.name.split(".")[0] for p in (multi / "data" / "10").iterdir()}
+    # each process wrote its own data-iterator position, and its digest (verified at resume)
+    from dss_jax.checkpoints import DATA_DIGEST_SUFFIX
+
+    files = [p.name for p in (multi / "data" / "10").iterdir()]
+    written = {n.split(".")[0] for n in files if not n.endswith(DATA_DIGEST_SUFFIX)}
     assert written == {"process_0_shard0", "process_1_shard0"}
+    assert {n for n in files if n.endswith(DATA_DIGEST_SUFFIX)} == {f"process_{i}{DATA_DIGEST_SUFFIX}" for i in (0, 1)}
 
     from dss_jax import checkpoints, convert
 
