@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import gin
@@ -107,7 +109,8 @@ def parse_gin(files: list[str], bindings: list[str], finalize: bool = True) -> N
         else:
             raise SystemExit(f"gin file {f!r} not found (looked in . and {', '.join(_search_paths())})")
     try:
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=finalize)
+        with _recording_origins():
+            gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=finalize)
     except Exception as e:  # gin raises several types; the message names the file/line or binding
         print(f"error in gin config: {e}", file=sys.stderr)
         raise SystemExit(2) from e
@@ -146,6 +149,145 @@ def unused_macros(bound_names: list[str]) -> str | None:
         close = difflib.get_close_matches(n, sorted(used), n=1)
         hints.append(f"{n}" + (f" (did you mean {close[0]}?)" if close else ""))
     return "macro " + ", ".join(hints) + " is bound but nothing in the config reads it"
+
+
+class UnreadBindingError(ValueError):
+    """Gin bindings that the job never read: a misspelt name, or a setting for a part this run does not use."""
+
+
+# Where each binding that parse_gin made was written: (scope, full selector, parameter) -> (name, where, file or
+# None for a binding string). gin keeps the values only; an error about a binding should say where to find it.
+_ORIGINS: dict[tuple[str, str, str], tuple[str, str, str | None]] = {}
+# Macros the binaries read with query_macro (gin's operative config does not see gin.query_parameter).
+_READ_BY_CODE: set[str] = set()
+
+
+def _filename(location: object) -> str | None:
+    return getattr(location, "filename", None) or None
+
+
+def _describe(location: object) -> str:
+    filename = _filename(location)
+    if filename:
+        return f"{filename}:{getattr(location, 'line_num', '?')}"
+    line = str(getattr(location, "line_content", "") or "").strip()
+    return f"on the command line: {line}" if line else "on the command line"
+
+
+@contextlib.contextmanager
+def _recording_origins() -> Iterator[None]:
+    """Notes the file and line (or the binding string) of every binding gin makes while parsing."""
+    parser_cls = gin.config_parser.ConfigParser
+    parse_statement, bind_parameter = parser_cls.parse_statement, gin.config.bind_parameter
+    where: list[object] = [None]
+
+    def parse_statement_noting(self: object) -> object:
+        statement = parse_statement(self)
+        where[0] = getattr(statement, "location", None)
+        return statement
+
+    def bind_parameter_noting(binding_key: object, value: object) -> None:
+        bind_parameter(binding_key, value)
+        key = gin.config.ParsedBindingKey.parse(binding_key)  # validated by the call above
+        if key.complete_selector == "gin.macro":
+            name = f"macro {key.scope}"
+        else:
+            name = f"{key.scope + '/' if key.scope else ''}{key.given_selector}.{key.arg_name}"
+        _ORIGINS[(key.scope, key.complete_selector, key.arg_name)] = (name, _describe(where[0]), _filename(where[0]))
+
+    # gin 0.5 looks both up at call time: the parser's method on its class, bind_parameter as a module global
+    parser_cls.parse_statement = parse_statement_noting
+    gin.config.bind_parameter = bind_parameter_noting
+    try:
+        yield
+    finally:
+        parser_cls.parse_statement = parse_statement
+        gin.config.bind_parameter = bind_parameter
+
+
+def query_macro(name: str) -> object:
+    """``gin.query_parameter('%NAME')``, noted as read for :func:`check_bindings_read`."""
+    value = gin.query_parameter(f"%{name}")
+    _READ_BY_CODE.add(name)
+    return value
+
+
+def _references(value: object, out: list[gin.config.ConfigurableReference]) -> None:
+    if isinstance(value, gin.config.ConfigurableReference):
+        out.append(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _references(v, out)
+    elif isinstance(value, (list, tuple, set)):
+        for v in value:
+            _references(v, out)
+
+
+def _later_keys(config: dict, pending: Iterable[str]) -> set[tuple[str, str]]:
+    """The config keys of the ``pending`` configurables (names such as ``optim.make_optimizer``) and of everything
+    their bindings reference, transitively: the job calls them after the check."""
+    names = tuple(pending)
+    todo = [k for k in config if any(k[1] == n or k[1].endswith("." + n) for n in names)]
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        key = todo.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        refs: list[gin.config.ConfigurableReference] = []
+        _references(config.get(key, {}), refs)
+        for ref in refs:
+            scope, selector = ref.config_key
+            todo.extend([(scope, selector)] if selector == "gin.macro" else [k for k in config if k[1] == selector])
+    return seen
+
+
+def unread_bindings(pending: Iterable[str] = (), exempt_files: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """``name (where it was written)`` for each binding made by :func:`parse_gin` that no call of a configurable has
+    read so far (gin's operative config: the configurable was called, and without the caller passing that parameter).
+
+    Bindings of the ``pending`` configurables and what they reference are taken as read (the job calls them later).
+    Bindings written in the package's gin/ files and in ``exempt_files`` are not reported: those files hold settings
+    shared by several binaries and methods (``INPUTS_PER_STEP`` documents the quickstart's step, for one).
+    """
+    config = gin.config._CONFIG  # noqa: SLF001 - gin lists neither the bindings nor the parameters its calls read
+    operative = gin.config._OPERATIVE_CONFIG  # noqa: SLF001
+    read: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+    for (scope, selector), params in list(operative.items()):
+        for arg in params:
+            read.setdefault((selector, arg), []).append(tuple(scope.split("/")) if scope else ())
+    later = _later_keys(config, pending)
+    exempt = [GIN_DIR.resolve(), *(Path(f).resolve() for f in exempt_files)]
+    out = []
+    for (scope, selector, arg), (name, origin, file) in _ORIGINS.items():
+        if arg not in config.get((scope, selector), {}) or (scope, selector) in later:
+            continue  # cleared since, or read later
+        if selector == "gin.macro" and scope in _READ_BY_CODE:
+            continue
+        if file and any(Path(file).resolve().is_relative_to(e) for e in exempt):
+            continue
+        parts = tuple(scope.split("/")) if scope else ()
+        if not any(s[: len(parts)] == parts for s in read.get((selector, arg), [])):
+            out.append(f"{name} ({origin})")
+    return out
+
+
+def check_bindings_read(job: str, pending: Iterable[str] = (), exempt_files: Iterable[str | os.PathLike] = ()) -> None:
+    """Raises :class:`UnreadBindingError` naming the bindings :func:`unread_bindings` finds: an override that is
+    never read (``--gin.registry.mixture_rate.a=0.3`` in a run that mixes by objective) would otherwise change
+    nothing without a word."""
+    unread = unread_bindings(pending, exempt_files)
+    if unread:
+        raise UnreadBindingError(
+            f"gin binding{'s' if len(unread) > 1 else ''} that {job} never reads: {'; '.join(unread)}. "
+            "Check the name, or remove the setting: this run does not use it"
+        )
+
+
+def error_text(e: BaseException) -> str:
+    """An exception's message without the "In call to configurable ..." lines gin appends for each configurable it
+    passed through: the binaries' errors stay one line."""
+    return "\n".join(line for line in str(e).splitlines() if not line.startswith("  In call to configurable "))
 
 
 def model_config(name: str, **overrides: object) -> T5Config:

@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else model_dir / "eval"
     try:
         data = _load_data(model_dir, files, bindings, args.trust_config_gin)
+        # a binding that nothing reads is an error (the mesh is made per checkpoint; a trusted config.gin is the
+        # training run's, mostly unread here)
+        configs.check_bindings_read("dss-eval", pending=["partitioning.MeshConfig"], exempt_files=[model_dir / "config.gin"])
         if args.export_hf:
             step_dir = checkpoints.resolve_step_dir(args.checkpoint or model_dir)
             cfg = checkpoints.read_config(model_dir)

@@ -422,6 +422,10 @@ def train(
     in metrics.jsonl and the summary).
     Returns the final summary (also written to ``model_dir/summary.json``).
     """
+    # A gin binding that nothing reads is an error: here, before the model dir is made, for all but what is first
+    # called below (checked again before the first step)
+    later = ("partitioning.MeshConfig", "losses.LossConfig", "optim.make_optimizer", "registry.DataOptions")
+    configs.check_bindings_read("dss-train", pending=(*later, "registry.mixture_rate"))
     model_dir_p = Path(model_dir).resolve()
     model_dir_p.mkdir(parents=True, exist_ok=True)
     mesh_config = mesh_config or partitioning.MeshConfig()
@@ -474,6 +478,7 @@ def train(
     writer = MetricsWriter(model_dir_p, start)
 
     eval_sets = _equalize(data.eval_sets("validation", local_batch, pid, nproc)) if eval_every else {}
+    configs.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
     stop = _StopFlag()
     metric_key = f"{data.selection_task}/accuracy"
     last_metrics: dict[str, float] = {}
@@ -653,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     configs.parse_gin(files, bindings)
     if model_dir is None:
         try:
-            model_dir = gin.query_parameter("%MODEL_DIR")
+            model_dir = configs.query_macro("MODEL_DIR")
         except ValueError:
             print("dss-train: pass --model_dir=DIR (or bind MODEL_DIR in gin)", file=sys.stderr)
             return 2
@@ -663,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dss-train: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as e:  # bad config or data: gin's message names the binding
-        print(f"dss-train: error: {e}", file=sys.stderr)
+        print(f"dss-train: error: {configs.error_text(e)}", file=sys.stderr)
         return 2
     if "stopped_at" in summary:
         return 0

@@ -1,0 +1,198 @@
+"""Nothing silent, nothing executed: gin bindings that a job never reads are errors naming them and where they were
+written; a model dir from elsewhere is read as data (its config.gin never runs); users' data without rationales
+for DSS stops with one line saying what to do."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import gin
+import pytest
+from conftest import REPO, TOY_GIN, train_cmd, write_toy_jsonl, xla_env
+
+from dss_jax import configs
+
+
+def _error_lines(stderr: str, prog: str) -> list[str]:
+    """The lines starting ``PROG: error``; the last one ends stderr (no traceback or gin context after it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{prog}: error")]
+    assert lines and stderr.rstrip().splitlines()[-1] == lines[-1], stderr[-2000:]
+    return lines
+
+
+# --- gin bindings that nothing reads ---------------------------------------------------------------------------
+
+
+def test_unread_bindings_are_named_with_where_they_were_written(tmp_path):
+    """Operative-config check, in-process and without TensorFlow: only what a call actually used counts as read."""
+    from dss_jax import losses, partitioning
+
+    user = tmp_path / "mine.gin"
+    user.write_text(
+        "include 'models/t5_1_1_tiny.gin'\n"  # the package's own file: shared defaults, not reported
+        "from __gin__ import dynamic_registration\n"
+        "from dss_jax import losses\n"
+        "from dss_jax import optim\n"
+        "from dss_jax import partitioning\n"
+        "STEPS = 7\n"
+        "UNUSED = 3\n"
+        "partitioning.MeshConfig.fsdp = 1\n"
+        "partitioning.MeshConfig.data = 2\n"
+        "losses.LossConfig.alpha = 0.3\n"
+        "optim.make_optimizer.learning_rate = @optim.learning_rate_schedule()\n"
+        "optim.learning_rate_schedule.total_steps = %STEPS\n"
+    )
+    gin.clear_config()
+    try:
+        configs.parse_gin([str(user)], ["losses.LossConfig.mode = 'token_mean'"], finalize=False)
+        partitioning.MeshConfig(data=1)  # the caller passes data: the bound 2 is never used
+        unread = configs.unread_bindings()
+        assert f"partitioning.MeshConfig.data ({user}:9)" in unread
+        assert f"macro UNUSED ({user}:7)" in unread
+        assert f"losses.LossConfig.alpha ({user}:10)" in unread
+        assert "losses.LossConfig.mode (on the command line: losses.LossConfig.mode = 'token_mean')" in unread
+        assert not any("fsdp" in u or "T5Config" in u or "MODEL_CONFIG" in u for u in unread)
+        # what the job calls later, and what its bindings reference (the schedule, STEPS), is not reported yet
+        later = configs.unread_bindings(pending=["optim.make_optimizer"])
+        assert not any("optim." in u or "STEPS" in u for u in later) and any("optim." in u for u in unread)
+        losses.LossConfig()
+        with pytest.raises(configs.UnreadBindingError, match=r"^gin bindings that dss-x never reads: .*UNUSED"):
+            configs.check_bindings_read("dss-x", pending=["optim.make_optimizer"])
+        assert not any("LossConfig" in u for u in configs.unread_bindings())
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.slow
+def test_unread_bindings_stop_dss_train_before_the_model_dir_is_made(tmp_path):
+    """A binding of a configurable the run never calls (register_benchmark: the run reads a user's file) and a
+    macro nothing references, in the user's gin file: one line naming both and where they were written."""
+    toy = write_toy_jsonl(tmp_path / "toy.jsonl", n=60)
+    user = tmp_path / "mine.gin"
+    user.write_text(f"include '{TOY_GIN}'\nEPOCHS = 3\n")
+    model_dir = tmp_path / "m"
+    cmd = train_cmd(model_dir, toy, "--gin.registry.register_benchmark.data_dir='/nowhere'")
+    cmd[cmd.index(f"--gin_file={TOY_GIN}")] = f"--gin_file={user}"
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr, "dss-train")
+    assert f"macro EPOCHS ({user}:2)" in line
+    assert "registry.register_benchmark.data_dir (on the command line: registry.register_benchmark.data_dir = '/nowhere')" in line
+    assert "Traceback" not in r.stderr and not model_dir.exists()
+
+
+@pytest.mark.slow
+def test_an_override_for_a_part_the_run_does_not_use_stops_before_the_first_step(tmp_path):
+    """``mixture_rate.a`` sets the rates of the 'rates' mixture; this run mixes by objective, so it would change
+    nothing. The mixture is built with the data iterators, so this fails at the second check, before any step."""
+    toy = write_toy_jsonl(tmp_path / "toy.jsonl", n=60)
+    model_dir = tmp_path / "m"
+    r = subprocess.run(
+        train_cmd(model_dir, toy, "--gin.registry.mixture_rate.a=0.3"), env=xla_env(1), capture_output=True, text=True
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr, "dss-train")
+    assert "gin binding that dss-train never reads: registry.mixture_rate.a (on the command line" in line
+    assert "Traceback" not in r.stderr
+    assert not list((model_dir / "checkpoints").glob("[0-9]*"))  # no step was taken or saved
+    metrics = model_dir / "metrics.jsonl"
+    assert not (metrics.exists() and metrics.read_text().strip())
+
+
+# --- model dirs are data -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step toy run (1 device): its model dir, and the validation accuracy measured in the loop."""
+    root = tmp_path_factory.mktemp("safety")
+    toy = write_toy_jsonl(root / "toy.jsonl", n=120)
+    model_dir = root / "m"
+    cmd = train_cmd(
+        model_dir,
+        toy,
+        "--gin.TRAIN_STEPS=4",
+        "--gin.train.train.eval_every=4",
+        "--gin.train.train.checkpoint_every=4",
+        "--gin.train.train.evaluate_test=False",
+    )
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
+    return model_dir, evals[-1]["toy_label_gold/accuracy"]
+
+
+def _hostile_copy(model_dir, tmp_path):
+    """The model dir as received from someone else: its config.gin imports os and calls os.system when parsed."""
+    hostile = tmp_path / "from_elsewhere"
+    shutil.copytree(model_dir, hostile, ignore=shutil.ignore_patterns("eval"))
+    marker = tmp_path / "executed"
+    with open(hostile / "config.gin", "a") as f:  # as in test_eval_infer, where --trust_config_gin shows it runs
+        f.write(f"\nimport os\nos.system.command = 'touch {marker}'\npipeline.SeqioData.max_eval_examples = @os.system()\n")
+    return hostile, marker
+
+
+def _cli(module: str, *args: str):
+    return subprocess.run([sys.executable, "-m", module, *args], env=xla_env(1), capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_dss_eval_and_dss_infer_never_execute_a_model_dirs_config_gin(trained, tmp_path):
+    model_dir, in_loop = trained
+    hostile, marker = _hostile_copy(model_dir, tmp_path)
+    r = _cli("dss_jax.evaluate", f"--model_dir={hostile}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["accuracy"] == pytest.approx(in_loop, abs=1e-6) and result["examples"] > 0
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("apple pear plum\nlemon olive\n")
+    r = _cli("dss_jax.infer", f"--model_dir={hostile}", f"--input={inputs}", "--no_progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(r.stdout.splitlines()) == 2
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_dss_eval_on_an_old_model_dir_says_how_to_proceed_and_runs_nothing(trained, tmp_path):
+    """A model dir written before the JSON data spec: a clear error, never a silent parse of its config.gin."""
+    hostile, marker = _hostile_copy(trained[0], tmp_path)
+    (hostile / "inference.json").unlink()
+    r = _cli("dss_jax.evaluate", f"--model_dir={hostile}")
+    assert r.returncode == 2
+    (line,) = _error_lines(r.stderr, "dss-eval")
+    assert "has no data spec" in line and "--trust_config_gin" in line
+    assert "Traceback" not in r.stderr and not marker.exists()
+
+
+@pytest.mark.slow
+def test_dss_eval_rejects_overrides_it_never_reads(trained):
+    """The model config comes from dss_config.json and the data from the data spec: overriding either through gin
+    would change nothing."""
+    model_dir, _ = trained
+    r = _cli(
+        "dss_jax.evaluate",
+        f"--model_dir={model_dir}",
+        "--gin.model.T5Config.dropout_rate=0.5",
+        "--gin.pipeline.SeqioData.method='finetune'",
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr, "dss-eval")
+    assert "model.T5Config.dropout_rate (on the command line" in line and "pipeline.SeqioData.method (on the command line" in line
+    assert not list(model_dir.glob("eval/*_metrics.json"))
+
+
+# --- users' data -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dss_train_on_rows_without_rationales_is_one_line_saying_what_to_do(tmp_path):
+    """The README allows rows without rationales; DSS learns from them. Before: a 36-line StopIteration traceback."""
+    f = tmp_path / "train.jsonl"
+    f.write_text("".join(json.dumps({"input": f"w{i} x", "label": f"w{i}"}) + "\n" for i in range(40)))
+    model_dir = tmp_path / "m"
+    r = subprocess.run(train_cmd(model_dir, f), env=xla_env(1), capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr, "dss-train")
+    assert f"{f}: none of its 40 rows has a 'rationale'" in line and "dss-teacher" in line and "finetune" in line
+    assert "Traceback" not in r.stderr and "StopIteration" not in r.stderr and not model_dir.exists()
