@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import sys
@@ -134,7 +135,6 @@ def _macro_references(value: object, out: set[str]) -> None:
 def unused_macros(bound_names: list[str]) -> str | None:
     """A message naming the macros in ``bound_names`` (command-line bindings) that no binding reads, with the
     closest macro that is read: ``--gin.SEEED=1`` would otherwise be ignored silently."""
-    import difflib
 
     config = gin.config._CONFIG  # gin has no public listing of bound macros and their references
     defined = {scope for scope, selector in config if selector == "gin.macro"}
@@ -256,6 +256,7 @@ def unread_bindings(pending: Iterable[str] = (), exempt_files: Iterable[str | os
     for (scope, selector), params in list(operative.items()):
         for arg in params:
             read.setdefault((selector, arg), []).append(tuple(scope.split("/")) if scope else ())
+    read_macros = sorted({s[-1] for (selector, _), scopes in read.items() if selector == "gin.macro" for s in scopes if s})
     later = _later_keys(config, pending)
     exempt = [GIN_DIR.resolve(), *(Path(f).resolve() for f in exempt_files)]
     out = []
@@ -268,7 +269,8 @@ def unread_bindings(pending: Iterable[str] = (), exempt_files: Iterable[str | os
             continue
         parts = tuple(scope.split("/")) if scope else ()
         if not any(s[: len(parts)] == parts for s in read.get((selector, arg), [])):
-            out.append(f"{name} ({origin})")
+            close = difflib.get_close_matches(scope, read_macros, n=1) if selector == "gin.macro" else []
+            out.append(f"{name} ({origin}{'; did you mean ' + close[0] + '?' if close else ''})")
     return out
 
 

@@ -26,7 +26,7 @@ def _error_lines(stderr: str, prog: str) -> list[str]:
 
 def test_unread_bindings_are_named_with_where_they_were_written(tmp_path):
     """Operative-config check, in-process and without TensorFlow: only what a call actually used counts as read."""
-    from dss_jax import losses, partitioning
+    from dss_jax import losses, optim, partitioning
 
     user = tmp_path / "mine.gin"
     user.write_text(
@@ -36,7 +36,7 @@ def test_unread_bindings_are_named_with_where_they_were_written(tmp_path):
         "from dss_jax import optim\n"
         "from dss_jax import partitioning\n"
         "STEPS = 7\n"
-        "UNUSED = 3\n"
+        "STEPZ = 3\n"
         "partitioning.MeshConfig.fsdp = 1\n"
         "partitioning.MeshConfig.data = 2\n"
         "losses.LossConfig.alpha = 0.3\n"
@@ -49,7 +49,7 @@ def test_unread_bindings_are_named_with_where_they_were_written(tmp_path):
         partitioning.MeshConfig(data=1)  # the caller passes data: the bound 2 is never used
         unread = configs.unread_bindings()
         assert f"partitioning.MeshConfig.data ({user}:9)" in unread
-        assert f"macro UNUSED ({user}:7)" in unread
+        assert f"macro STEPZ ({user}:7)" in unread
         assert f"losses.LossConfig.alpha ({user}:10)" in unread
         assert "losses.LossConfig.mode (on the command line: losses.LossConfig.mode = 'token_mean')" in unread
         assert not any("fsdp" in u or "T5Config" in u or "MODEL_CONFIG" in u for u in unread)
@@ -57,9 +57,11 @@ def test_unread_bindings_are_named_with_where_they_were_written(tmp_path):
         later = configs.unread_bindings(pending=["optim.make_optimizer"])
         assert not any("optim." in u or "STEPS" in u for u in later) and any("optim." in u for u in unread)
         losses.LossConfig()
-        with pytest.raises(configs.UnreadBindingError, match=r"^gin bindings that dss-x never reads: .*UNUSED"):
+        with pytest.raises(configs.UnreadBindingError, match=r"^gin bindings that dss-x never reads: .*STEPZ"):
             configs.check_bindings_read("dss-x", pending=["optim.make_optimizer"])
         assert not any("LossConfig" in u for u in configs.unread_bindings())
+        optim.learning_rate_schedule()  # reads STEPS: the closest macro that is read is suggested
+        assert f"macro STEPZ ({user}:7; did you mean STEPS?)" in configs.unread_bindings()
     finally:
         gin.clear_config()
 
