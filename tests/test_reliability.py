@@ -150,7 +150,10 @@ def test_damaged_steps_are_named_skipped_and_redone(tmp_path, toy_jsonl):
     assert ev.returncode == 2, ev.stderr[-3000:]
     errors = [line for line in ev.stderr.splitlines() if line.startswith("dss-eval: error")]
     assert len(errors) == 1 and "Traceback" not in ev.stderr, ev.stderr[-3000:]
-    assert "step 6 is damaged" in errors[0] and f"--checkpoint={ckpts / '4'}" in errors[0], errors[0]
+    # dss-eval reads parameters only: when the truncated file of step 5 holds only optimizer state (the file layout
+    # varies between runs), step 5 is intact for evaluation and is the one suggested
+    assert "step 6 is damaged" in errors[0], errors[0]
+    assert any(f"--checkpoint={ckpts / s}" in errors[0] for s in ("4", "5")), errors[0]
 
     r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
