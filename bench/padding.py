@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--spm", default=None, help="vocabulary (default: one trained on the benchmark)")
     a = p.parse_args()
     v = vocab.get_vocabulary(spm_path=a.spm) if a.spm else vocab.get_vocabulary(train_on=a.benchmark)
-    registry.register_benchmark(a.benchmark, v)
+    registry.register_benchmark(a.benchmark, v, options=registry.DataOptions(train_fraction=1.0))
     task = a.task or f"{a.benchmark}_dss_gold"
     out = {"task": task, "inputs_length": a.inputs_length, "targets_length": a.targets_length, "batch_rows": a.batch}
     for pack in (False, True):

@@ -18,6 +18,7 @@ Multi-process runs agree on one shape per step (the largest any process needs). 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -208,3 +209,39 @@ class RepackingIterator:
 
     def restore(self, path: str) -> None:
         self.it.restore(path)
+
+
+class ShardedIterator:
+    """Concatenates the batches of several input shards read by this process (rows of shard 0 first).
+
+    One process reading shards 0..n-1 yields exactly the global batch that n processes reading one shard
+    each assemble, so a multi-host run can be checked against a single-host one.
+    """
+
+    def __init__(self, iterators: list):
+        self.iterators = iterators
+
+    def __iter__(self) -> ShardedIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    @property
+    def checkpointable(self) -> bool:
+        return all(hasattr(it, "save") and hasattr(it, "restore") for it in self.iterators)
+
+    def save(self, path: str) -> None:
+        if self.checkpointable:
+            for i, it in enumerate(self.iterators):
+                it.save(f"{path}_shard{i}")
+
+    def restore(self, path: str) -> None:
+        if not self.checkpointable:
+            logging.getLogger("dss_jax.train").warning(
+                "the data source cannot restore its position: the resumed run sees data from the start"
+            )
+            return
+        for i, it in enumerate(self.iterators):
+            it.restore(f"{path}_shard{i}")

@@ -102,6 +102,19 @@ def use_task_metric(
     return out
 
 
+def metrics_with_row(metrics: dict[str, float], data: Any, row: dict[str, Any]) -> dict[str, float]:
+    """``use_task_metric`` from a ``split_report`` row, without decoding the split again: the selection task's
+    teacher-forced accuracy is replaced by the row's decoded metric where they differ (SVAMP); rank accuracy added."""
+    sel = data.selection_task
+    out = dict(metrics)
+    if getattr(data, "needs_decoding", False) and can_decode(data) and f"{sel}/accuracy" in out:
+        out[f"{sel}/{TEACHER_FORCED}"] = out.pop(f"{sel}/accuracy")
+        out[f"{sel}/accuracy"] = row["accuracy"]
+    if "rank_accuracy" in row:
+        out[f"{sel}/rank_accuracy"] = row["rank_accuracy"]
+    return out
+
+
 def with_rank_accuracy(
     metrics: dict[str, float], params: Any, cfg: T5Config, data: Any, split: str, sets: dict, local_batch: int, bsharding: Any
 ) -> dict[str, float]:

@@ -10,23 +10,34 @@ on validation), ``damaged/`` (checkpoint steps that failed their checksums at re
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
 import math
 import signal
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import gin
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
-from dss_jax import batching, checkpoints, configs, losses, optim, partitioning, run_report, scoring, trainer
+from dss_jax import (
+    batching,
+    checkpoints,
+    configs,
+    losses,
+    metrics_log,
+    partitioning,
+    run_checkpoints,
+    run_report,
+    scoring,
+    trainer,
+)
 from dss_jax.model import T5Config
 
 log = logging.getLogger("dss_jax.train")
@@ -48,40 +59,6 @@ class NonFiniteLossError(RuntimeError):
     """A step's loss, gradient norm or updated parameters are not finite: the run stops before saving that state."""
 
 
-class ShardedIterator:
-    """Concatenates the batches of several input shards read by this process (rows of shard 0 first).
-
-    One process reading shards 0..n-1 yields exactly the global batch that n processes reading one shard
-    each assemble, so a multi-host run can be checked against a single-host one.
-    """
-
-    def __init__(self, iterators: list):
-        self.iterators = iterators
-
-    def __iter__(self) -> ShardedIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    @property
-    def checkpointable(self) -> bool:
-        return all(hasattr(it, "save") and hasattr(it, "restore") for it in self.iterators)
-
-    def save(self, path: str) -> None:
-        if self.checkpointable:
-            for i, it in enumerate(self.iterators):
-                it.save(f"{path}_shard{i}")
-
-    def restore(self, path: str) -> None:
-        if not self.checkpointable:
-            log.warning("the data source cannot restore its position: the resumed run sees data from the start")
-            return
-        for i, it in enumerate(self.iterators):
-            it.restore(f"{path}_shard{i}")
-
-
 class _StopFlag:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the next step boundary and exits."""
 
@@ -95,24 +72,6 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.signum = signum
         log.warning("signal %d: saving a checkpoint at the end of this step, then exiting", signum)
-
-
-def _manager(model_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    cm = ocp.checkpoint_managers
-    policy = cm.AnyPreservationPolicy(
-        [
-            cm.LatestN(n=keep),
-            cm.BestN(get_metric_fn=lambda m: m["accuracy"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
-        ]
-    )
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy,
-        best_fn=lambda m: m["accuracy"],
-        best_mode="max",
-        create=True,
-        enable_async_checkpointing=async_save,
-    )
-    return ocp.CheckpointManager(model_dir / "checkpoints", options=options)
 
 
 def write_run_files(model_dir: Path, model_config: T5Config, data: DataSource) -> None:
@@ -130,126 +89,6 @@ def write_run_files(model_dir: Path, model_config: T5Config, data: DataSource) -
     fmt = getattr(data, "inference_format", None)
     if fmt is not None:
         (model_dir / "inference.json").write_text(json.dumps(fmt(), indent=2) + "\n")
-
-
-def _restore_state(
-    manager: ocp.CheckpointManager, step: int, layout: trainer.StateLayout, trusted_without: bool
-) -> trainer.TrainState:
-    """The train state of ``step``, placed with this run's shardings (the saving mesh may differ), verified against
-    the checksums saved with it. Unreadable files or differing values raise CheckpointDamagedError; a state of
-    another model or optimizer raises ValueError (a config error, not damage: nothing falls back)."""
-    step_dir = Path(str(manager.directory)) / str(step)
-    stored = sorted(checkpoints.stored_leaf_shapes(step_dir / "state"))
-    want = sorted(tuple(a.shape) for a in jax.tree.leaves(layout.abstract))
-    if stored != want:
-        raise ValueError(
-            f"{step_dir} holds a train state of another model or optimizer ({len(stored)} arrays, this run has "
-            f"{len(want)}): use another --model_dir, or the gin config that wrote it"
-        )
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
-    state = checkpoints.read_or_damaged(
-        lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], step_dir
-    )
-    checkpoints.verify_checksums(state, checkpoints.read_checksums(step_dir), step_dir, trusted_without)
-    return state
-
-
-def _all_processes(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (so that all processes fall back to the same step)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
-
-
-def _resume(
-    manager: ocp.CheckpointManager, model_dir: Path, layout: trainer.StateLayout, train_iter: Any
-) -> tuple[trainer.TrainState, int] | None:
-    """The newest intact checkpoint (state and data position), or None when there is none.
-
-    Steps newer than it that fail to read or to verify are named, moved to ``model_dir/damaged/`` (so this run
-    can save those steps again) and redone from the intact step; one warning says where training resumes.
-    """
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-        return None
-    damaged: list[int] = []
-    found: tuple[trainer.TrainState, int] | None = None
-    for step in steps:
-        err: Exception | None = None
-        legacy = not checkpoints.checksums_expected(model_dir / "checkpoints" / str(step))
-        try:
-            state = _restore_state(manager, step, layout, legacy)
-            checkpoints.verify_file_digests(_data_ckpt_path(model_dir, step), step, legacy)
-        except checkpoints.CheckpointDamagedError as e:
-            err = e
-        if _all_processes(err is None):
-            found = (state, step)
-            break
-        log.error("%s", err or f"checkpoint step {step} is damaged on another process")
-        damaged.append(step)
-    if damaged:
-        where = _move_aside(manager, model_dir, damaged)
-        names = ("steps " if len(damaged) > 1 else "step ") + ", ".join(map(str, damaged))
-        if found is not None:
-            log.warning(
-                "checkpoint %s damaged (moved to %s); resuming from step %d, the newest intact checkpoint",
-                names,
-                where,
-                found[1],
-            )
-        else:
-            log.warning("checkpoint %s damaged (moved to %s); no intact checkpoint left: starting afresh", names, where)
-    if found is not None:
-        train_iter.restore(_data_ckpt_path(model_dir, found[1]))
-    return found
-
-
-def _move_aside(manager: ocp.CheckpointManager, model_dir: Path, steps: list[int]) -> Path:
-    """Moves damaged checkpoint steps to ``model_dir/damaged/<step>-<time>`` for inspection (their data positions,
-    large and useless alone, are pruned with the other orphans)."""
-    import shutil
-
-    where = model_dir / "damaged"
-    if jax.process_index() == 0:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        where.mkdir(parents=True, exist_ok=True)
-        for s in steps:
-            shutil.move(str(model_dir / "checkpoints" / str(s)), str(where / f"{s}-{stamp}"))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dss_jax.train.move_aside")
-    manager.reload()
-    return where
-
-
-def _data_ckpt_path(model_dir: Path, step: int) -> str:
-    return str(model_dir / "data" / str(step) / f"process_{jax.process_index()}")
-
-
-def _prune_data(model_dir: Path, keep: set[int]) -> None:
-    """Deletes this process's data-iterator states of steps whose model checkpoint is gone (or never committed):
-    they are many times the model checkpoint's size, and useless without it."""
-    import shutil
-
-    root = model_dir / "data"
-    if not root.is_dir():
-        return
-    mine = f"process_{jax.process_index()}_"
-    for d in root.iterdir():
-        if not d.name.isdigit() or int(d.name) in keep:
-            continue
-        for f in d.iterdir():
-            if not (f.name.startswith(mine) or f.name == f"process_{jax.process_index()}{checkpoints.DATA_DIGEST_SUFFIX}"):
-                continue
-            if f.is_dir():
-                shutil.rmtree(f, ignore_errors=True)
-            else:
-                f.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            d.rmdir()  # the last process out removes the step's dir
 
 
 def _local_rows_multiple(bsharding: Any, microbatches: int, nproc: int) -> int:
@@ -291,100 +130,64 @@ def _equalize(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return out
 
 
-class RateMeter:
-    """Examples/s and real (non-padding) tokens/s between log steps, measured after the device finished them.
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When the loop logs, evaluates and saves, in steps (``every`` 0: never; the last step always saves)."""
 
-    Reading the metrics at a log step waits for the device, so the window ends where the work ended; time spent
-    in evaluation and checkpointing (``paused``) is left out.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[dict[str, Any]] = []
-        self.t0 = time.time()
-        self.excluded = 0.0
-
-    def add(self, metrics: dict[str, Any]) -> None:
-        keys = ("label_sequences", "rationale_sequences", "target_tokens", "nonpad_input_tokens")
-        self.pending.append({k: metrics[k] for k in keys if k in metrics})
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        t = time.time()
-        try:
-            yield
-        finally:
-            self.excluded += time.time() - t
-
-    def read(self) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        for m in jax.device_get(self.pending):
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        dt = max(time.time() - self.t0 - self.excluded, 1e-9)
-        inputs = sums.get("label_sequences", 0.0) or sums.get("rationale_sequences", 0.0)
-        out = {
-            "steps_per_sec": len(self.pending) / dt,
-            "examples_per_sec": inputs / dt,
-            "real_tokens_per_sec": (sums.get("target_tokens", 0.0) + sums.get("nonpad_input_tokens", 0.0)) / dt,
-        }
-        self.pending, self.t0, self.excluded = [], time.time(), 0.0
-        return out
+    num_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
 
 
-def strict_json_row(row: dict[str, Any]) -> str:
-    """One strict JSON line: non-finite numbers (which json.dumps would write as the non-JSON tokens NaN and
-    Infinity) become null, and the row's ``nonfinite`` lists their keys."""
-    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        row = {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad}
-    return json.dumps(row, allow_nan=False)
+def due(step: int, every: int, total: int) -> bool:
+    """True at the multiples of ``every`` and at the last step; never when ``every`` is 0."""
+    return every > 0 and (step % every == 0 or step == total)
 
 
-def truncate_metrics(path: Path, resumed_step: int) -> None:
-    """Keeps the rows of steps up to ``resumed_step``: the steps after it are redone by the resumed run, which
-    would otherwise log them twice (a torn last line from a kill goes too)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= resumed_step:
-            keep.append(line + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    tmp.replace(path)
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What setup builds once and the loop and the final test read: the run's fixed parts."""
+
+    model_dir: Path
+    model_config: T5Config
+    data: DataSource
+    mesh: Any
+    bsharding: Any
+    layout: trainer.StateLayout
+    step_fn: Callable
+    eval_fn: Callable
+    manager: ocp.CheckpointManager
+    train_iter: Any
+    local_batch: int
+    eval_sets: dict[str, list[dict]]
+    on_nonfinite: str
+
+    @property
+    def metric_key(self) -> str:
+        return f"{self.data.selection_task}/accuracy"
 
 
-class MetricsWriter:
-    """metrics.jsonl (strict JSON, each step once) and TensorBoard, from process 0 only."""
+@dataclasses.dataclass
+class LoopState:
+    """What the loop carries from step to step, passed explicitly to the functions that read or update it."""
 
-    def __init__(self, model_dir: Path, resumed_step: int = 0):
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        from tensorboardX import SummaryWriter
+    state: trainer.TrainState
+    saved_step: int  # the newest committed checkpoint; -1: none
+    nonfinite: Any = None  # trainer.track_nonfinite: [first non-finite step, its flags, count]
+    first_train: dict[str, float] = dataclasses.field(default_factory=dict)
+    last_train: dict[str, float] = dataclasses.field(default_factory=dict)
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    skipped_logged: int = 0
+    stopped_at: int | None = None
 
-        truncate_metrics(model_dir / "metrics.jsonl", resumed_step)
-        self.jsonl = open(model_dir / "metrics.jsonl", "a", encoding="utf-8")
-        # purge_step: TensorBoard drops the events the earlier run wrote after the resumed step
-        self.tb = SummaryWriter(str(model_dir / "tb"), purge_step=resumed_step + 1 if resumed_step else None)
+    def __post_init__(self) -> None:
+        if self.nonfinite is None:
+            self.nonfinite = jax.numpy.zeros((3,), jax.numpy.int32)
 
-    def write(self, step: int, kind: str, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(strict_json_row({"step": step, "kind": kind, **metrics}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(f"{kind}/{k}", v, step)
-        self.tb.flush()
 
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+# Configurables that train() itself calls when their gin binding is missing (checked again before the first step).
+CALLED_LATER = ("partitioning.MeshConfig", "losses.LossConfig", "registry.mixture_rate")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -392,6 +195,7 @@ def train(
     model_dir: str,
     model_config: T5Config = gin.REQUIRED,
     data: DataSource = gin.REQUIRED,
+    optimizer: optax.GradientTransformation = gin.REQUIRED,
     num_steps: int = 10_000,
     batch_size: int = 64,
     microbatches: int = 1,
@@ -410,224 +214,280 @@ def train(
     report_train_examples: int = 1000,
     on_nonfinite: str = "stop",
 ) -> dict[str, Any]:
-    """Trains ``model_config`` on ``data`` for ``num_steps`` steps of ``batch_size`` sequences (global).
+    """Trains ``model_config`` on ``data`` with ``optimizer`` for ``num_steps`` steps of ``batch_size`` sequences.
 
-    Resumes from the latest checkpoint in ``model_dir`` (state and data position); otherwise starts from
-    ``init_checkpoint`` (a dss_jax pretrained dir: parameters only, fresh optimizer) or from scratch.
-    Each process reads ``input_shards / processes`` shards of the training data (default: one per process).
-    At the end the checkpoint selected on validation is scored on a fixed train subset (the first
-    ``report_train_examples``), the whole validation and the whole test split with the task's own metric.
-    A step whose loss, gradient norm or updated parameters are not finite stops the run before that state is
-    saved or evaluated (``on_nonfinite='stop'``), or is not applied and counted (``'skip'``: ``skipped_updates``
-    in metrics.jsonl and the summary).
-    Returns the final summary (also written to ``model_dir/summary.json``).
+    Resumes from the newest intact checkpoint in ``model_dir``, else starts from ``init_checkpoint`` (parameters
+    only) or from scratch; ``on_nonfinite`` stops the run at a non-finite step, or skips (and counts) its update.
+    Returns the summary (``summary.json``): the checkpoint selected on validation scored on a train subset
+    (``report_train_examples``), validation and test. ``input_shards``: training-data shards (default: processes).
     """
-    # A gin binding that nothing reads is an error: here, before the model dir is made, for all but what is first
-    # called below (checked again before the first step)
-    later = ("partitioning.MeshConfig", "losses.LossConfig", "optim.make_optimizer", "registry.DataOptions")
-    configs.check_bindings_read("dss-train", pending=(*later, "registry.mixture_rate"))
-    model_dir_p = Path(model_dir).resolve()
-    model_dir_p.mkdir(parents=True, exist_ok=True)
-    mesh_config = mesh_config or partitioning.MeshConfig()
-    loss_config = loss_config or losses.LossConfig()
-    nproc, pid = jax.process_count(), jax.process_index()
+    # a gin binding that nothing reads is an error: checked here, before the model dir is made, and again below
+    configs.check_bindings_read("dss-train", pending=CALLED_LATER)
+    run, loop = setup(
+        Path(model_dir).resolve(),
+        model_config,
+        data,
+        optimizer,
+        batch_size=batch_size,
+        microbatches=microbatches,
+        seed=seed,
+        init_checkpoint=init_checkpoint,
+        eval_every=eval_every,
+        keep_checkpoints=keep_checkpoints,
+        async_checkpoints=async_checkpoints,
+        mesh_config=mesh_config,
+        loss_config=loss_config,
+        input_shards=input_shards,
+        on_nonfinite=on_nonfinite,
+    )
+    configs.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
+    writer = metrics_log.MetricsWriter(run.model_dir, int(jax.device_get(loop.state.step)))
+    train_loop(run, Schedule(num_steps, log_every, eval_every, checkpoint_every), loop, writer, progress)
+    if loop.stopped_at is not None:
+        return {"stopped_at": loop.stopped_at}
+    summary = _summary(run, num_steps, loop)
+    if evaluate_test and summary["best_step"] is not None:
+        summary.update(test_on_best(run, summary["best_step"], report_train_examples))
+    if jax.process_index() == 0:
+        run_report.plot_losses(run.model_dir)
+        (run.model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    writer.close()
+    run.manager.close()
+    return summary
+
+
+def _check_sizes(batch_size: int, microbatches: int, input_shards: int | None, on_nonfinite: str) -> tuple[int, int]:
+    """(rows per process, input shards per process), or a ValueError naming the binding."""
+    nproc = jax.process_count()
     if batch_size % (nproc * microbatches):
         raise ValueError(f"train.batch_size={batch_size} must divide by processes ({nproc}) x microbatches ({microbatches})")
     local_batch = batch_size // nproc
-    if on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
-
-    mesh = partitioning.make_mesh(mesh_config)
-    rules = mesh_config.rules
-    tx = optim.make_optimizer()
-    layout = trainer.state_layout(model_config, tx, mesh, rules)
-    bsharding = partitioning.batch_sharding(mesh, rules)
-    if batch_size % math.prod(bsharding.mesh.shape[a] for a in ("data", "fsdp")):
-        raise ValueError(f"train.batch_size={batch_size} must divide by the mesh's data x fsdp size")
-    step_fn = trainer.jit_train_step(
-        model_config, tx, loss_config, microbatches, seed, layout, bsharding, mesh, skip_nonfinite=on_nonfinite == "skip"
-    )
-    eval_fn = trainer.jit_eval_step(model_config, layout, bsharding, mesh)
-
-    manager = _manager(model_dir_p, keep_checkpoints, async_checkpoints)
-    if pid == 0:
-        write_run_files(model_dir_p, model_config, data)
     shards = input_shards or nproc
     if shards % nproc or local_batch % (shards // nproc):
         raise ValueError(f"train.input_shards={shards} must be a multiple of the processes ({nproc}) and divide the local batch")
-    per = shards // nproc
-    train_iter: Any = ShardedIterator(
-        [data.train_iterator(local_batch // per, seed, s, shards) for s in range(pid * per, (pid + 1) * per)]
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
+    return local_batch, shards // nproc
+
+
+def _train_iterator(data: DataSource, local_batch: int, per_process: int, seed: int, rows_multiple: int) -> Any:
+    """This process's training batches: its input shards side by side, repacked when the data asks for it."""
+    first = jax.process_index() * per_process
+    shards = per_process * jax.process_count()
+    it: Any = batching.ShardedIterator(
+        [data.train_iterator(local_batch // per_process, seed, s, shards) for s in range(first, first + per_process)]
     )
-    repacker = data.repacker(_local_rows_multiple(bsharding, microbatches, nproc)) if hasattr(data, "repacker") else None
-    if repacker is not None:
-        train_iter = batching.RepackingIterator(train_iter, repacker)
-    resumed = _resume(manager, model_dir_p, layout, train_iter)
-    latest = resumed[1] if resumed is not None else None
+    repacker = data.repacker(rows_multiple) if hasattr(data, "repacker") else None
+    return batching.RepackingIterator(it, repacker) if repacker is not None else it
+
+
+def _initial_state(run: Run, tx: optax.GradientTransformation, seed: int, init_checkpoint: str | None) -> LoopState:
+    """The newest intact checkpoint's state (and data position), else ``init_checkpoint``'s parameters, else new."""
+    resumed = run_checkpoints.resume(run.manager, run.model_dir, run.layout, run.train_iter)
     if resumed is not None:
-        state = resumed[0]
-        log.info("resumed from %s at step %d", model_dir_p / "checkpoints", latest)
-    elif init_checkpoint:
-        params, _, _ = checkpoints.load_pretrained(init_checkpoint, model_config)
-        state = trainer.init_state(model_config, tx, layout, seed, params)
+        log.info("resumed from %s at step %d", run.model_dir / "checkpoints", resumed[1])
+        return LoopState(state=resumed[0], saved_step=resumed[1])
+    params = None
+    if init_checkpoint:
+        params = checkpoints.load_pretrained(init_checkpoint, run.model_config)[0]
         log.info("initialized parameters from %s", init_checkpoint)
-    else:
-        state = trainer.init_state(model_config, tx, layout, seed)
-    start = int(jax.device_get(state.step))
-    _prune_data(model_dir_p, set(manager.all_steps()))  # positions of steps never committed, or pruned before a kill
-    writer = MetricsWriter(model_dir_p, start)
+    return LoopState(state=trainer.init_state(run.model_config, tx, run.layout, seed, params), saved_step=-1)
 
-    eval_sets = _equalize(data.eval_sets("validation", local_batch, pid, nproc)) if eval_every else {}
-    configs.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
+
+def setup(
+    model_dir: Path,
+    model_config: T5Config,
+    data: DataSource,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    microbatches: int,
+    seed: int,
+    init_checkpoint: str | None,
+    eval_every: int,
+    keep_checkpoints: int,
+    async_checkpoints: bool,
+    mesh_config: partitioning.MeshConfig | None,
+    loss_config: losses.LossConfig | None,
+    input_shards: int | None,
+    on_nonfinite: str,
+) -> tuple[Run, LoopState]:
+    """Mesh, shardings, compiled steps, checkpoint manager, data iterators and the starting state."""
+    mesh_config = mesh_config or partitioning.MeshConfig()
+    local_batch, per_process = _check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    mesh = partitioning.make_mesh(mesh_config)
+    layout = trainer.state_layout(model_config, tx, mesh, mesh_config.rules)
+    bsharding = partitioning.batch_sharding(mesh, mesh_config.rules)
+    if batch_size % math.prod(bsharding.mesh.shape[a] for a in ("data", "fsdp")):
+        raise ValueError(f"train.batch_size={batch_size} must divide by the mesh's data x fsdp size")
+    skip = on_nonfinite == "skip"
+    step_fn = trainer.jit_train_step(
+        model_config, tx, loss_config or losses.LossConfig(), microbatches, seed, layout, bsharding, mesh, skip_nonfinite=skip
+    )
+    if jax.process_index() == 0:
+        write_run_files(model_dir, model_config, data)
+    rows_multiple = _local_rows_multiple(bsharding, microbatches, jax.process_count())
+    run = Run(
+        model_dir=model_dir,
+        model_config=model_config,
+        data=data,
+        mesh=mesh,
+        bsharding=bsharding,
+        layout=layout,
+        step_fn=step_fn,
+        eval_fn=trainer.jit_eval_step(model_config, layout, bsharding, mesh),
+        manager=run_checkpoints.make_manager(model_dir, keep_checkpoints, async_checkpoints),
+        train_iter=_train_iterator(data, local_batch, per_process, seed, rows_multiple),
+        local_batch=local_batch,
+        eval_sets={},
+        on_nonfinite=on_nonfinite,
+    )
+    loop = _initial_state(run, tx, seed, init_checkpoint)
+    # data positions of steps never committed, or whose checkpoint was pruned just before a kill
+    run_checkpoints.prune_data(model_dir, set(run.manager.all_steps()))
+    if eval_every:
+        sets = _equalize(data.eval_sets("validation", local_batch, jax.process_index(), jax.process_count()))
+        run = dataclasses.replace(run, eval_sets=sets)
+    return run, loop
+
+
+def train_loop(run: Run, sched: Schedule, loop: LoopState, writer: metrics_log.MetricsWriter, progress: bool) -> None:
+    """Steps up to ``sched.num_steps``, logging, evaluating and saving when due; SIGTERM/SIGINT saves and stops."""
     stop = _StopFlag()
-    metric_key = f"{data.selection_task}/accuracy"
-    last_metrics: dict[str, float] = {}
-    first_metrics: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    saved_step = latest if latest is not None else -1
-    nonfinite = jax.numpy.zeros((3,), jax.numpy.int32)  # trainer.track_nonfinite: [first step, flags, count]
-
-    def check_finite() -> int:
-        """Raises (on_nonfinite='stop') once any step so far was not finite; returns the flagged steps so far."""
-        first, flags, count = (int(x) for x in jax.device_get(nonfinite))
-        if first and on_nonfinite == "stop":
-            last = (
-                f"The last good checkpoint is step {saved_step} in {model_dir_p / 'checkpoints'}"
-                if saved_step >= 0
-                else "No checkpoint was saved"
-            )
-            raise NonFiniteLossError(
-                f"at step {first} {trainer.describe_nonfinite(flags)}; stopping before that state is saved or evaluated. "
-                f"{last} (lower the learning rate or check the data; train.on_nonfinite='skip' skips such updates instead)."
-            )
-        return count
-
-    def save(step: int, eval_metrics: dict[str, float] | None) -> None:
-        nonlocal saved_step
-        check_finite()  # never save a non-finite state
-        data_prefix = _data_ckpt_path(model_dir_p, step)
-        train_iter.save(data_prefix)
-        checkpoints.write_file_digests(data_prefix)
-        metrics = {"accuracy": eval_metrics[metric_key]} if eval_metrics and metric_key in eval_metrics else None
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()}),
-                # committed with the state, so no committed step lacks them
-                **{checkpoints.CHECKSUM_ITEM: ocp.args.JsonSave(checkpoints.checksum_record(state))},
-            ),
-            metrics=metrics,
-            force=True,
-        )
-        saved_step = step
-        _prune_data(model_dir_p, set(manager.all_steps()) | {step})
-
+    start = int(jax.device_get(loop.state.step))
     pbar = None
-    if progress and pid == 0:
+    if progress and jax.process_index() == 0:
         from tqdm import tqdm
 
-        pbar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    rate = RateMeter()
-    skipped_logged = 0
+        pbar = tqdm(total=sched.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    rate = metrics_log.RateMeter()
     try:
-        with jax.set_mesh(mesh):
-            for step in range(start, num_steps):
-                batch = partitioning.global_batch(next(train_iter), bsharding)
-                state, metrics = step_fn(state, batch)
-                done = step + 1
-                nonfinite = trainer.track_nonfinite(nonfinite, metrics["nonfinite"], done)
+        with jax.set_mesh(run.mesh):
+            for done in range(start + 1, sched.num_steps + 1):
+                batch = partitioning.global_batch(next(run.train_iter), run.bsharding)
+                loop.state, metrics = run.step_fn(loop.state, batch)
+                loop.nonfinite = trainer.track_nonfinite(loop.nonfinite, metrics["nonfinite"], done)
                 rate.add(metrics)
-                if done % log_every == 0 or done == num_steps:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
-                    m.update(rate.read())
-                    if on_nonfinite == "skip":
-                        flagged = int(jax.device_get(nonfinite)[2])
-                        m["skipped_updates"] = float(flagged - skipped_logged)
-                        if flagged > skipped_logged:
-                            log.warning("skipped %d non-finite updates up to step %d", flagged - skipped_logged, done)
-                        skipped_logged = flagged
-                    writer.write(done, "train", m)
-                    check_finite()  # logged first, so metrics.jsonl shows the step that diverged
-                    first_metrics = first_metrics or m
-                    last_metrics = m
-                    if pbar is not None:
-                        pbar.set_postfix(
-                            loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.1f}", tok_s=f"{m['real_tokens_per_sec']:.0f}"
-                        )
-                eval_now = eval_every and (done % eval_every == 0 or done == num_steps)
-                eval_metrics = None
-                with rate.paused():
-                    if eval_now:
-                        check_finite()  # a non-finite state is never evaluated, so never chosen as best
-                        eval_metrics = run_eval(eval_fn, state.params, eval_sets, local_batch, bsharding)
-                        eval_metrics = scoring.use_task_metric(
-                            eval_metrics, state.params, model_config, data, "validation", eval_sets, local_batch, bsharding
-                        )
-                        eval_metrics = scoring.with_rank_accuracy(
-                            eval_metrics, state.params, model_config, data, "validation", eval_sets, local_batch, bsharding
-                        )
-                        writer.write(done, "eval", eval_metrics)
-                        last_eval = eval_metrics
-                        log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in eval_metrics.items()}))
+                if due(done, sched.log_every, sched.num_steps):
+                    _log_train(run, loop, writer, done, metrics, rate.read(), pbar)
+                with rate.paused():  # evaluation and checkpoints are not training time
+                    evaluated = _evaluate(run, loop, writer, done) if due(done, sched.eval_every, sched.num_steps) else None
                     if pbar is not None:
                         pbar.update(1)
-                    if eval_now or done % checkpoint_every == 0 or done == num_steps or stop.signum is not None:
-                        save(done, eval_metrics)
+                    last = done == sched.num_steps or stop.signum is not None
+                    if evaluated is not None or due(done, sched.checkpoint_every, sched.num_steps) or last:
+                        save(run, loop, done, evaluated)
                 if stop.signum is not None:
-                    manager.wait_until_finished()
+                    run.manager.wait_until_finished()
                     log.warning("stopped by signal %d at step %d; rerun the same command to resume", stop.signum, done)
-                    return {"stopped_at": done}
+                    loop.stopped_at = done
+                    return
     finally:
         if pbar is not None:
             pbar.close()
-        manager.wait_until_finished()
-        _prune_data(model_dir_p, set(manager.all_steps()))
+        run.manager.wait_until_finished()
+        run_checkpoints.prune_data(run.model_dir, set(run.manager.all_steps()))
 
-    summary: dict[str, Any] = {"step": num_steps, "train": last_metrics, "validation": last_eval}
+
+def check_finite(run: Run, loop: LoopState) -> None:
+    """Raises NonFiniteLossError (``on_nonfinite='stop'``) once any step so far was not finite."""
+    first, flags, _ = (int(x) for x in jax.device_get(loop.nonfinite))
+    if not first or run.on_nonfinite != "stop":
+        return
+    last = (
+        f"The last good checkpoint is step {loop.saved_step} in {run.model_dir / 'checkpoints'}"
+        if loop.saved_step >= 0
+        else "No checkpoint was saved"
+    )
+    raise NonFiniteLossError(
+        f"at step {first} {trainer.describe_nonfinite(flags)}; stopping before that state is saved or evaluated. "
+        f"{last} (lower the learning rate or check the data; train.on_nonfinite='skip' skips such updates instead)."
+    )
+
+
+def _log_train(
+    run: Run, loop: LoopState, writer: metrics_log.MetricsWriter, done: int, metrics: dict, rates: dict, pbar: Any
+) -> None:
+    """One train row in metrics.jsonl (logged before the finiteness check, so it shows the step that diverged)."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
+    m.update(rates)
+    if run.on_nonfinite == "skip":
+        flagged = int(jax.device_get(loop.nonfinite)[2])
+        m["skipped_updates"] = float(flagged - loop.skipped_logged)
+        if flagged > loop.skipped_logged:
+            log.warning("skipped %d non-finite updates up to step %d", flagged - loop.skipped_logged, done)
+        loop.skipped_logged = flagged
+    writer.write(done, "train", m)
+    check_finite(run, loop)
+    loop.first_train = loop.first_train or m
+    loop.last_train = m
+    if pbar is not None:
+        pbar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.1f}", tok_s=f"{m['real_tokens_per_sec']:.0f}")
+
+
+def _score(run: Run, params: Any, split: str, sets: dict[str, list[dict]]) -> dict[str, float]:
+    """Per-task losses and accuracies; the selection task's accuracy is its own metric (and rank accuracy)."""
+    args = (params, run.model_config, run.data, split, sets, run.local_batch, run.bsharding)
+    metrics = run_eval(run.eval_fn, params, sets, run.local_batch, run.bsharding)
+    return scoring.with_rank_accuracy(scoring.use_task_metric(metrics, *args), *args)
+
+
+def _evaluate(run: Run, loop: LoopState, writer: metrics_log.MetricsWriter, done: int) -> dict[str, float]:
+    check_finite(run, loop)  # a non-finite state is never evaluated, so never chosen as best
+    metrics = _score(run, loop.state.params, "validation", run.eval_sets)
+    writer.write(done, "eval", metrics)
+    loop.last_eval = metrics
+    log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return metrics
+
+
+def save(run: Run, loop: LoopState, step: int, evaluated: dict[str, float] | None) -> None:
+    """Checkpoints ``loop.state`` at ``step`` (never a non-finite one); validation accuracy feeds keep-best."""
+    check_finite(run, loop)
+    accuracy = evaluated.get(run.metric_key) if evaluated else None
+    run_checkpoints.save(run.manager, run.model_dir, step, loop.state, run.train_iter, run.model_config, accuracy)
+    loop.saved_step = step
+
+
+def _summary(run: Run, num_steps: int, loop: LoopState) -> dict[str, Any]:
+    summary: dict[str, Any] = {"step": num_steps, "train": loop.last_train, "validation": loop.last_eval}
     summary["losses_first_last"] = {
-        k: [first_metrics.get(k), last_metrics.get(k)]
+        k: [loop.first_train.get(k), loop.last_train.get(k)]
         for k, n in (("label_loss", "label_sequences"), ("rationale_loss", "rationale_sequences"))
-        if last_metrics.get(n, 1.0) > 0 and k in last_metrics
+        if loop.last_train.get(n, 1.0) > 0 and k in loop.last_train
     }
-    best = manager.best_step()
-    summary["best_step"] = best
-    if on_nonfinite == "skip":
-        summary["skipped_updates"] = skipped_logged
-    if evaluate_test and best is not None:
-        best_state = _restore_state(
-            manager, best, layout, not checkpoints.checksums_expected(model_dir_p / "checkpoints" / str(best))
-        )
-        summary["splits"] = {}
-        for split, limit in (("train", report_train_examples), ("validation", None), ("test", None)):
-            if split == "train" and not report_train_examples:
-                continue
-            sets = _equalize(data.eval_sets(split, local_batch, pid, nproc, limit))
-            if not sets:
-                continue
-            with jax.set_mesh(mesh):
-                tf_metrics = run_eval(eval_fn, best_state.params, sets, local_batch, bsharding)
-                row = scoring.split_report(best_state.params, model_config, data, split, sets, tf_metrics, local_batch, bsharding)
-                if split == "test":
-                    summary["test"] = scoring.use_task_metric(
-                        tf_metrics, best_state.params, model_config, data, split, sets, local_batch, bsharding
-                    )
-                    if "rank_accuracy" in row:
-                        summary["test"][f"{data.selection_task}/rank_accuracy"] = row["rank_accuracy"]
-            summary["splits"][split] = row
-        if hasattr(data, "baselines"):
-            split = "test" if "test" in summary["splits"] else "validation"
-            summary["baselines"] = {"split": split, **data.baselines(split)}
-        if "test" in summary:
-            summary["test_checkpoint"] = best
-            if pid == 0:
-                (model_dir_p / "test_metrics.json").write_text(json.dumps({"step": best, **summary["test"]}, indent=2) + "\n")
-    if pid == 0:
-        run_report.plot_losses(model_dir_p)
-        (model_dir_p / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    writer.close()
-    manager.close()
+    summary["best_step"] = run.manager.best_step()
+    if run.on_nonfinite == "skip":
+        summary["skipped_updates"] = loop.skipped_logged
     return summary
+
+
+def test_on_best(run: Run, best: int, report_train_examples: int) -> dict[str, Any]:
+    """Scores the checkpoint selected on validation on a train subset, validation and test (once, in full);
+    writes ``test_metrics.json``."""
+    params = run_checkpoints.restore_state(run.manager, best, run.layout).params
+    out: dict[str, Any] = {"splits": {}}
+    for split, limit in (("train", report_train_examples), ("validation", None), ("test", None)):
+        if split == "train" and not report_train_examples:
+            continue
+        sets = _equalize(run.data.eval_sets(split, run.local_batch, jax.process_index(), jax.process_count(), limit))
+        if not sets:
+            continue
+        with jax.set_mesh(run.mesh):
+            metrics = run_eval(run.eval_fn, params, sets, run.local_batch, run.bsharding)
+            args = (run.model_config, run.data, split, sets, metrics, run.local_batch, run.bsharding)
+            out["splits"][split] = row = scoring.split_report(params, *args)
+        if split == "test":
+            out["test"] = scoring.metrics_with_row(metrics, run.data, row)
+    if hasattr(run.data, "baselines"):
+        split = "test" if "test" in out["splits"] else "validation"
+        out["baselines"] = {"split": split, **run.data.baselines(split)}
+    if "test" in out:
+        out["test_checkpoint"] = best
+        if jax.process_index() == 0:
+            (run.model_dir / "test_metrics.json").write_text(json.dumps({"step": best, **out["test"]}, indent=2) + "\n")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

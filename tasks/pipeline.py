@@ -184,6 +184,7 @@ class SeqioData:
     user_test_file: str | None = None
     max_eval_examples: int | None = None
     rank_classification: bool = False
+    options: registry.DataOptions = dataclasses.field(default_factory=registry.DataOptions)
 
     def __post_init__(self) -> None:
         if self.batching not in batching.MODES:
@@ -195,10 +196,15 @@ class SeqioData:
             )
         if self.user_train_file:
             registry.register_user_data(
-                self.benchmark, self.vocabulary, self.user_train_file, self.user_validation_file, self.user_test_file
+                self.benchmark,
+                self.vocabulary,
+                self.user_train_file,
+                self.user_validation_file,
+                self.user_test_file,
+                options=self.options,
             )
         else:
-            registry.register_benchmark(self.benchmark, self.vocabulary)
+            registry.register_benchmark(self.benchmark, self.vocabulary, options=self.options)
         splits = self.source.splits
         if "train" not in splits:
             where = self.source.data_dir or self.user_train_file
@@ -247,15 +253,25 @@ class SeqioData:
         spec = {k: getattr(self, k) for k in DATA_SPEC_FIELDS}
         for k in ("user_train_file", "user_validation_file", "user_test_file"):
             spec[k] = str(Path(spec[k]).resolve()) if spec[k] else None
+        spec["options"] = dataclasses.asdict(self.options)
         return spec
 
     @classmethod
     def from_spec(cls, spec: dict, vocabulary: seqio.Vocabulary, **overrides: object) -> SeqioData:
         """The inverse of :meth:`data_spec`; every value is checked to be a plain string, number or null."""
-        bad = [k for k, v in spec.items() if k not in DATA_SPEC_FIELDS or not isinstance(v, (str, int, type(None)))]
+        spec = dict(spec)
+        options = spec.pop("options", {})  # model dirs written before the data options were recorded: defaults
+        fields = {f.name for f in dataclasses.fields(registry.DataOptions)}
+        plain = (str, int, float, type(None))
+        bad = [k for k, v in spec.items() if k not in DATA_SPEC_FIELDS or not isinstance(v, plain)]
+        bad += [
+            f"options.{k}"
+            for k, v in (options if isinstance(options, dict) else {"?": None}).items()
+            if k not in fields or not isinstance(v, plain)
+        ]
         if bad:
             raise ValueError(f"data spec: unexpected field or value for {', '.join(sorted(bad))}")
-        return cls(**spec, vocabulary=vocabulary, pack=False, **overrides)
+        return cls(**spec, vocabulary=vocabulary, pack=False, options=registry.DataOptions(**options), **overrides)
 
     def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> BatchIterator:
         return train_batches(

@@ -18,8 +18,10 @@ b_single_task_src      x -> "rationale So the answer is label"      the paper's 
 =====================  ===========================================  ==================================
 
 Every example carries ``targets_task``: the task id (1 label, 2 rationale) on each target token, which
-packing keeps aligned, so the trainer can take per-task means. The training-data fraction and the policy for
-unparsed teacher completions are gin bindings of :func:`data_options`, read when a dataset is built.
+packing keeps aligned, so the trainer can take per-task means. Each task's kind (label, rationale, paired,
+single_task) is recorded at registration (``TASK_KINDS``), never read back from its name. Which training data
+(fraction, unparsed completions, rationale quality) is a :class:`DataOptions` passed in at registration (the run
+gins bind ``SeqioData.options = @registry.DataOptions()``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import seqio
 import tensorflow as tf
 
 from dss_jax.losses import LABEL_TASK_ID, RATIONALE_TASK_ID
-from dss_jax.tasks import arithmetic, readers, tfds_builder
+from dss_jax.tasks import arithmetic, quality, readers, tfds_builder
 
 TASK_IDS = {"label": LABEL_TASK_ID, "rationale": RATIONALE_TASK_ID}
 SINGLE_TASK_SEPARATOR = " So the answer is "
@@ -46,14 +48,25 @@ MIXINGS = ("objective", "rates")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-    """Which training data: fraction (deterministic by seed, the same subset for every method) and what to do
-    with teacher completions that did not parse ('keep': empty rationale/label; 'drop': leave the input out)."""
+    """Which training data: fraction (deterministic by seed, the same subset for every method), what to do
+    with teacher completions that did not parse ('keep': empty rationale/label; 'drop': leave the input out), and
+    which rationales train (``tasks/quality.py``: ``rationale_filter``, ``max_rationale_tokens``)."""
 
     train_fraction: float = 1.0
     subset_seed: int = 0
     on_parse_failure: str = "keep"
+    rationale_filter: str = "all"
+    max_rationale_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.rationale_filter not in quality.RATIONALE_FILTERS:
+            raise ValueError(
+                f"DataOptions.rationale_filter={self.rationale_filter!r}; expected one of {quality.RATIONALE_FILTERS}"
+            )
+        if self.max_rationale_tokens is not None and self.max_rationale_tokens < 2:
+            raise ValueError(
+                f"DataOptions.max_rationale_tokens must be at least 2 (EOS included), got {self.max_rationale_tokens}"
+            )
         if self.on_parse_failure not in ("keep", "drop"):
             raise ValueError(f"DataOptions.on_parse_failure must be 'keep' or 'drop', got {self.on_parse_failure!r}")
         if not 0 < self.train_fraction <= 1:
@@ -67,10 +80,9 @@ def mixture_rate(task: seqio.Task | None = None, a: float = 0.5) -> float:
         raise ValueError(f"mixture_rate.a must be in [0, 1], got {a}")
     if task is None:
         return a
-    return a if "_label_" in task.name else 1.0 - a
+    return a if TASK_KINDS[task.name] == "label" else 1.0 - a
 
 
-@gin.configurable
 def task_name(benchmark: str = "cqa", method: str = "dss", label_source: str = "gold", mixing: str = "objective") -> str:
     """The training task or mixture for a method; each argument is one gin override."""
     _check(method=method, label_source=label_source, mixing=mixing)
@@ -81,7 +93,6 @@ def task_name(benchmark: str = "cqa", method: str = "dss", label_source: str = "
     return f"{benchmark}_{method}"
 
 
-@gin.configurable
 def eval_task_name(benchmark: str = "cqa", method: str = "dss") -> str:
     """The task a method is evaluated on: its own input format, always against human labels."""
     _check(method=method)
@@ -141,15 +152,49 @@ class Source:
         return tf.data.Dataset.from_tensor_slices({k: tf.constant(v) for k, v in cols.items()})
 
 
-def _dataset_fn(
-    source: Source, needs_teacher: bool, shuffle_rows: bool, split: str, shuffle_files: bool, seed: int | None = None
-) -> tf.data.Dataset:
-    """Rows of one split, filtered by teacher availability, parse policy and training fraction.
+def rationale_selection(source: Source, opts: DataOptions, vocabulary: seqio.Vocabulary) -> tuple[np.ndarray, dict]:
+    """The training split's rationale mask (indexed by ``idx``) and counts under ``opts`` (``tasks/quality.py``)."""
+    examples = source.examples("train")
+    same = metric_fns_for(source.benchmark)[0]
 
-    ``shuffle_rows`` (the paired DSS task) shuffles inputs here, before each is expanded into its label and
-    rationale examples, so both land in the same step; such tasks are read with ``shuffle=False``.
+    def count_tokens(texts: list[str]) -> list[int]:
+        return [len(ids) + 1 for ids in vocabulary.tokenizer.encode(texts)]  # +1: EOS
+
+    keep, counts = quality.select_rationales(
+        examples,
+        opts.rationale_filter,
+        opts.max_rationale_tokens,
+        lambda gold, llm: same([gold], [llm])["accuracy"] == 100.0,
+        count_tokens,
+    )
+    mask = np.zeros(max((e.idx for e in examples), default=-1) + 1, bool)
+    mask[[e.idx for e in examples]] = keep
+    return mask, counts
+
+
+def _mark_rationales(ds: tf.data.Dataset, mask: np.ndarray | None) -> tf.data.Dataset:
+    """Adds ``keep_rationale`` to each row: its rationale trains (no mask: every row with a rationale)."""
+    if mask is None:
+        return ds.map(lambda ex: {**ex, "keep_rationale": tf.constant(True)})
+    table = tf.constant(mask)
+    return ds.map(lambda ex: {**ex, "keep_rationale": tf.gather(table, tf.cast(ex["idx"], tf.int32))})
+
+
+def _dataset_fn(
+    source: Source,
+    opts: DataOptions,
+    kind: str,
+    needs_teacher: bool,
+    mask: np.ndarray | None,
+    split: str,
+    shuffle_files: bool,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """Rows of one split, filtered by teacher availability, parse policy, training fraction and rationale quality.
+
+    The paired DSS task shuffles inputs here, before each is expanded into its label and rationale examples, so
+    both land in the same step; such tasks are read with ``shuffle=False``.
     """
-    opts = DataOptions()
     ds = source.tf_dataset(split, shuffle_files)
     if needs_teacher:
         ds = ds.filter(lambda ex: ex["has_teacher"])
@@ -159,18 +204,23 @@ def _dataset_fn(
         idx = np.array([e.idx for e in source.examples("train")], np.int64)
         keep = tf.constant(idx[readers.training_subset(len(idx), opts.train_fraction, opts.subset_seed)])
         ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["idx"], tf.int64), keep)))
-    if shuffle_rows and split == "train":
+    ds = _mark_rationales(ds, mask if split == "train" else None)
+    if kind in ("rationale", "single_task"):
+        ds = ds.filter(lambda ex: ex["keep_rationale"])
+    if kind == "paired" and split == "train":
         seed = opts.subset_seed if seed is None else seed
         ds = ds.shuffle(SOURCE_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     return ds
 
 
 SOURCE_SHUFFLE_BUFFER = 100_000
+# kinds of task: label, rationale, paired (DSS: both targets of each input side by side), single_task
+TASK_KINDS: dict[str, str] = {}
 
 
 def shuffles_in_source(name: str) -> bool:
-    """True for the paired DSS tasks (``*_dss_gold``/``*_dss_llm``): read them with shuffle=False."""
-    return name.endswith(("_dss_gold", "_dss_llm"))
+    """True for the paired DSS tasks, which shuffle their inputs in the source: read them with shuffle=False."""
+    return TASK_KINDS.get(name) == "paired"
 
 
 # ----------------------------------------------------------------------------- preprocessors
@@ -202,9 +252,11 @@ def _format(kind: str, prefix: str, label_key: str):
 
 
 def _pairs(ex: dict) -> tf.data.Dataset:
-    """One input -> its label example then its rationale example (the paper's objective)."""
+    """One input -> its label example then its rationale example (the paper's objective); the label alone when a
+    data option dropped the rationale."""
     label, rationale = ex["label_row"], ex["rationale_row"]
-    return tf.data.Dataset.from_tensors(label).concatenate(tf.data.Dataset.from_tensors(rationale))
+    n = tf.cast(ex["keep_rationale"], tf.int64)
+    return tf.data.Dataset.from_tensors(label).concatenate(tf.data.Dataset.from_tensors(rationale).take(n))
 
 
 @seqio.map_over_dataset
@@ -283,16 +335,25 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     }
 
 
-def _add_task(name: str, source: Source, vocabulary: seqio.Vocabulary, preprocessors: list, needs_teacher: bool) -> None:
+def _add_task(
+    name: str,
+    kind: str,
+    needs_teacher: bool,
+    source: Source,
+    vocabulary: seqio.Vocabulary,
+    preprocessors: list,
+    opts: DataOptions,
+    mask: np.ndarray | None,
+) -> None:
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
-    shuffle_rows = shuffles_in_source(name)
+    TASK_KINDS[name] = kind
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
-            functools.partial(_dataset_fn, source, needs_teacher, shuffle_rows), splits=source.splits
+            functools.partial(_dataset_fn, source, opts, kind, needs_teacher, mask), splits=source.splits
         ),
-        shuffle_buffer_size=None if shuffle_rows else seqio.dataset_providers.SHUFFLE_BUFFER_SIZE,
+        shuffle_buffer_size=None if kind == "paired" else seqio.dataset_providers.SHUFFLE_BUFFER_SIZE,
         preprocessors=preprocessors,
         output_features=output_features(vocabulary),
         postprocess_fn=postprocess_label,
@@ -307,15 +368,17 @@ def _tail(task_id: int) -> list:
 SOURCES: dict[str, Source] = {}  # name -> where its examples come from (for split sizes and baselines)
 
 
-def register_source(source: Source, vocabulary: seqio.Vocabulary) -> list[str]:
+def register_source(source: Source, vocabulary: seqio.Vocabulary, *, options: DataOptions) -> list[str]:
     """Registers every task and mixture of one benchmark or user dataset; returns their names."""
     b = source.name
     SOURCES[b] = source
     names = []
+    selective = options.rationale_filter != "all" or options.max_rationale_tokens
+    mask = rationale_selection(source, options, vocabulary)[0] if selective and "train" in source.splits else None
 
     def add(name: str, kind: str, prefix: str, label_key: str, task_id: int, needs_teacher: bool) -> None:
         pre = [seqio.map_over_dataset(_format(kind, prefix, label_key)), *_tail(task_id)]
-        _add_task(name, source, vocabulary, pre, needs_teacher)
+        _add_task(name, kind, needs_teacher, source, vocabulary, pre, options, mask)
         names.append(name)
 
     add(f"{b}_label_gold", "label", "predict: ", "label", LABEL_TASK_ID, False)
@@ -330,13 +393,13 @@ def register_source(source: Source, vocabulary: seqio.Vocabulary) -> list[str]:
         def both(ex: dict, key: str = key) -> dict:
             label = {**_format("label", "predict: ", key)(ex), "task_id": tf.constant(LABEL_TASK_ID, tf.int32)}
             rationale = {**_format("rationale", "explain: ", key)(ex), "task_id": tf.constant(RATIONALE_TASK_ID, tf.int32)}
-            return {"label_row": label, "rationale_row": rationale}
+            return {"label_row": label, "rationale_row": rationale, "keep_rationale": ex["keep_rationale"]}
 
         def flat_pairs(ds: tf.data.Dataset, both=both) -> tf.data.Dataset:
             return ds.map(both).flat_map(_pairs)
 
         name = f"{b}_dss_{src}"
-        _add_task(name, source, vocabulary, [flat_pairs, *_tail(LABEL_TASK_ID)], needs_teacher=True)
+        _add_task(name, "paired", True, source, vocabulary, [flat_pairs, *_tail(LABEL_TASK_ID)], options, mask)
         names.append(name)
 
         mix = f"{b}_dss_{src}_rates"
@@ -348,17 +411,25 @@ def register_source(source: Source, vocabulary: seqio.Vocabulary) -> list[str]:
 
 
 @gin.configurable
-def register_benchmark(benchmark: str, vocabulary: seqio.Vocabulary, data_dir: str | None = None) -> list[str]:
+def register_benchmark(
+    benchmark: str, vocabulary: seqio.Vocabulary, data_dir: str | None = None, *, options: DataOptions
+) -> list[str]:
     """Registers one of the paper's benchmarks (data from ``data_dir`` or $DSS_DATA_DIR)."""
     if benchmark not in readers.BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {readers.BENCHMARKS} (or use register_user_data)")
     d = Path(data_dir) if data_dir else readers.default_data_dir()
-    return register_source(Source(benchmark, benchmark=benchmark, data_dir=d), vocabulary)
+    return register_source(Source(benchmark, benchmark=benchmark, data_dir=d), vocabulary, options=options)
 
 
 @gin.configurable
 def register_user_data(
-    name: str, vocabulary: seqio.Vocabulary, train_file: str, validation_file: str | None = None, test_file: str | None = None
+    name: str,
+    vocabulary: seqio.Vocabulary,
+    train_file: str,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    *,
+    options: DataOptions,
 ) -> list[str]:
     """Registers a user's JSONL dataset (fields input, label, optional rationale, llm_label) under ``name``."""
     files = [("train", train_file)]
@@ -370,4 +441,4 @@ def register_user_data(
     source = Source(name, user_files=tuple(files))
     if not validation_file:  # carved from train, 10% (seed 0), as for the paper's CQA and SVAMP
         source = dataclasses.replace(source, user_files=(*source.user_files[:1], ("validation", ""), *source.user_files[1:]))
-    return register_source(source, vocabulary)
+    return register_source(source, vocabulary, options=options)

@@ -119,7 +119,9 @@ def registered(tmp_path_factory):
     from dss_jax.tasks import registry, vocab
 
     v = vocab.get_vocabulary(train_on="svamp", vocab_size=800)
-    names = registry.register_benchmark("cqa", v, str(SHARED_DATA)) + registry.register_benchmark("svamp", v, str(SHARED_DATA))
+    full = registry.DataOptions(train_fraction=1.0)
+    names = registry.register_benchmark("cqa", v, str(SHARED_DATA), options=full)
+    names += registry.register_benchmark("svamp", v, str(SHARED_DATA), options=full)
     return v, names
 
 
@@ -156,13 +158,19 @@ def test_paired_task_puts_both_targets_of_an_input_side_by_side(registered):
     assert list(b["decoder_task_ids"].numpy()[:, 0]) == [1, 2] * 4
 
 
-def test_data_fraction_is_a_gin_binding_and_identical_across_methods(registered):
-    import gin
+def _reregister_svamp(v, **options):
+    from dss_jax.tasks import registry
+
+    registry.register_benchmark("svamp", v, str(SHARED_DATA), options=registry.DataOptions(**options))
+
+
+def test_data_fraction_is_a_data_option_and_identical_across_methods(registered):
     import tensorflow as tf
 
     from dss_jax.tasks import pipeline
 
-    gin.parse_config("registry.DataOptions.train_fraction = 0.125")
+    v, _ = registered
+    _reregister_svamp(v, train_fraction=0.125)
     try:
 
         def inputs(name):
@@ -174,7 +182,7 @@ def test_data_fraction_is_a_gin_binding_and_identical_across_methods(registered)
         assert len(fin) == round(0.125 * 720) == len(dist)
         assert fin == dist
     finally:
-        gin.clear_config()
+        _reregister_svamp(v, train_fraction=1.0)
     assert isinstance(tf.data.Dataset, type)
 
 
@@ -185,7 +193,7 @@ def test_nli_inputs_join_premise_and_hypothesis_with_eos(tmp_path):
     from dss_jax.tasks import pipeline, registry, vocab
 
     v = vocab.get_vocabulary(train_on="svamp", vocab_size=800)
-    registry.register_benchmark("esnli", v, str(SHARED_DATA))
+    registry.register_benchmark("esnli", v, str(SHARED_DATA), options=registry.DataOptions(train_fraction=1.0))
     ex = pipeline.eval_examples("esnli_label_gold", "validation")
     assert len(ex) == 1000
     # the hypothesis survives tokenization as text, so predictions files can show the whole input
@@ -219,8 +227,6 @@ def test_dss_data_cli_names_a_bad_file(tmp_path):
 
 
 def test_parse_failure_policy_drop_leaves_out_exactly_the_unparsed(registered):
-    import gin
-
     from dss_jax.tasks import pipeline
 
     def count(name):
@@ -229,11 +235,12 @@ def test_parse_failure_policy_drop_leaves_out_exactly_the_unparsed(registered):
         )
         return sum(int(b["encoder_input_tokens"].shape[0]) for b in ds)
 
+    v, _ = registered
     kept = count("svamp_rationale")
-    gin.parse_config("registry.DataOptions.on_parse_failure = 'drop'")
+    _reregister_svamp(v, on_parse_failure="drop")
     try:
         dropped = count("svamp_rationale")
     finally:
-        gin.clear_config()
+        _reregister_svamp(v, on_parse_failure="keep")
     failures = sum(not e.parse_ok for e in readers.read_split(SHARED_DATA, "svamp", "validation"))
     assert kept == 80 and failures > 0 and dropped == kept - failures

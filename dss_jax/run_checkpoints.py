@@ -1,0 +1,189 @@
+"""A training run's checkpoints in its model dir: save, prune, and resume from the newest intact step.
+
+``checkpoints/<step>/`` holds the Orbax train state, its meta (step, model config) and the per-array checksums;
+``data/<step>/process_<i>`` the data iterator's position at that step (with a file digest), pruned with its
+checkpoint; ``damaged/`` the steps that failed their checksums at resume, moved aside for inspection.
+(``checkpoints.py`` reads parameters out of these for eval, infer and export; this module is the trainer's side.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dss_jax import checkpoints, trainer
+from dss_jax.model import T5Config
+
+log = logging.getLogger("dss_jax.train")
+
+
+def make_manager(model_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    """Keeps the newest ``keep`` steps plus the best on validation accuracy (see api-notes: keep-best)."""
+    cm = ocp.checkpoint_managers
+    policy = cm.AnyPreservationPolicy(
+        [
+            cm.LatestN(n=keep),
+            cm.BestN(get_metric_fn=lambda m: m["accuracy"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=lambda m: m["accuracy"],
+        best_mode="max",
+        create=True,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(model_dir / "checkpoints", options=options)
+
+
+def data_path(model_dir: Path, step: int) -> str:
+    """Where this process saves the data iterator's position at ``step``."""
+    return str(model_dir / "data" / str(step) / f"process_{jax.process_index()}")
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    model_dir: Path,
+    step: int,
+    state: trainer.TrainState,
+    train_iter: Any,
+    model_config: T5Config,
+    accuracy: float | None,
+) -> None:
+    """Saves the data position (with its digest), then the state with its checksums (committed together, so no
+    committed step lacks them); ``accuracy`` (validation) feeds keep-best. Prunes data positions left orphaned."""
+    prefix = data_path(model_dir, step)
+    train_iter.save(prefix)
+    checkpoints.write_file_digests(prefix)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()}),
+            **{checkpoints.CHECKSUM_ITEM: ocp.args.JsonSave(checkpoints.checksum_record(state))},
+        ),
+        metrics=None if accuracy is None else {"accuracy": accuracy},
+        force=True,
+    )
+    prune_data(model_dir, set(manager.all_steps()) | {step})
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, layout: trainer.StateLayout) -> trainer.TrainState:
+    """The train state of ``step``, placed with this run's shardings (the saving mesh may differ), verified against
+    the checksums saved with it. Unreadable files or differing values raise CheckpointDamagedError; a state of
+    another model or optimizer raises ValueError (a config error, not damage: nothing falls back)."""
+    step_dir = Path(str(manager.directory)) / str(step)
+    stored = sorted(checkpoints.stored_leaf_shapes(step_dir / "state"))
+    want = sorted(tuple(a.shape) for a in jax.tree.leaves(layout.abstract))
+    if stored != want:
+        raise ValueError(
+            f"{step_dir} holds a train state of another model or optimizer ({len(stored)} arrays, this run has "
+            f"{len(want)}): use another --model_dir, or the gin config that wrote it"
+        )
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
+    state = checkpoints.read_or_damaged(
+        lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], step_dir
+    )
+    legacy = not checkpoints.checksums_expected(step_dir)
+    checkpoints.verify_checksums(state, checkpoints.read_checksums(step_dir), step_dir, legacy)
+    return state
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (so that all processes fall back to the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _read_step(manager: ocp.CheckpointManager, model_dir: Path, step: int, layout: trainer.StateLayout) -> Any:
+    """(state, None) for an intact step, (None, the error) for a damaged one."""
+    try:
+        state = restore_state(manager, step, layout)
+        legacy = not checkpoints.checksums_expected(model_dir / "checkpoints" / str(step))
+        checkpoints.verify_file_digests(data_path(model_dir, step), step, legacy)
+        return state, None
+    except checkpoints.CheckpointDamagedError as e:
+        return None, e
+
+
+def resume(
+    manager: ocp.CheckpointManager, model_dir: Path, layout: trainer.StateLayout, train_iter: Any
+) -> tuple[trainer.TrainState, int] | None:
+    """The newest intact checkpoint (state and data position, restored into ``train_iter``), or None.
+
+    Steps newer than it that fail to read or to verify are named, moved to ``model_dir/damaged/`` (so this run
+    can save those steps again) and redone from the intact step; one warning says where training resumes.
+    """
+    damaged: list[int] = []
+    found: tuple[trainer.TrainState, int] | None = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        state, err = _read_step(manager, model_dir, step, layout)
+        if _all_processes(err is None):
+            found = (state, step)
+            break
+        log.error("%s", err or f"checkpoint step {step} is damaged on another process")
+        damaged.append(step)
+    if damaged:
+        where = _move_aside(manager, model_dir, damaged)
+        names = ("steps " if len(damaged) > 1 else "step ") + ", ".join(map(str, damaged))
+        if found is not None:
+            log.warning(
+                "checkpoint %s damaged (moved to %s); resuming from step %d, the newest intact checkpoint",
+                names,
+                where,
+                found[1],
+            )
+        else:
+            log.warning("checkpoint %s damaged (moved to %s); no intact checkpoint left: starting afresh", names, where)
+    if found is not None:
+        train_iter.restore(data_path(model_dir, found[1]))
+    return found
+
+
+def _move_aside(manager: ocp.CheckpointManager, model_dir: Path, steps: list[int]) -> Path:
+    """Moves damaged checkpoint steps to ``model_dir/damaged/<step>-<time>`` for inspection (their data positions,
+    large and useless alone, are pruned with the other orphans)."""
+    where = model_dir / "damaged"
+    if jax.process_index() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        where.mkdir(parents=True, exist_ok=True)
+        for s in steps:
+            shutil.move(str(model_dir / "checkpoints" / str(s)), str(where / f"{s}-{stamp}"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dss_jax.run_checkpoints.move_aside")
+    manager.reload()
+    return where
+
+
+def prune_data(model_dir: Path, keep: set[int]) -> None:
+    """Deletes this process's data-iterator states of steps whose model checkpoint is gone (or never committed):
+    useless without it."""
+    root = model_dir / "data"
+    if not root.is_dir():
+        return
+    pid = jax.process_index()
+    for d in root.iterdir():
+        if not d.name.isdigit() or int(d.name) in keep:
+            continue
+        for f in d.iterdir():
+            if not (f.name.startswith(f"process_{pid}_") or f.name == f"process_{pid}{checkpoints.DATA_DIGEST_SUFFIX}"):
+                continue
+            if f.is_dir():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()  # the last process out removes the step's dir

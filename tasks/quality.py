@@ -1,0 +1,78 @@
+"""Which teacher rationales train the student: filters by the teacher's correctness, majority vote and length.
+
+Data options of the trainer (``registry.DataOptions``, one gin override each), applied to the training split's
+rationale examples only: an input whose rationale is dropped keeps its label example (DSS's label task still
+learns the human label), and leaves the rationale-only and single-task data. ``dss-data`` reports the counts.
+
+- ``rationale_filter='teacher_correct'``: keep a rationale only when the teacher's label is the human one (the
+  task's own comparison: SVAMP equations by value).
+- ``rationale_filter='majority_vote'``: for inputs with several teacher samples (rows with the same input, e.g.
+  from ``dss-teacher --n``), keep only the rationales whose label is the samples' most common one.
+- ``max_rationale_tokens=N``: drop rationales longer than N tokens of the run's vocabulary (EOS included), where
+  the trainer would otherwise cut them at the target length.
+
+No TensorFlow here: the registry turns the kept rows into a mask over the source's ``idx``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from dss_jax.tasks import readers
+
+RATIONALE_FILTERS = ("all", "teacher_correct", "majority_vote")
+
+
+def _majority_keep(examples: Sequence[readers.Example]) -> list[bool]:
+    """True for rows whose teacher label is the most common one among the rows of the same input."""
+    groups: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
+    for i, e in enumerate(examples):
+        groups[(e.input, e.input_b)].append(i)
+    keep = [True] * len(examples)
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        votes = collections.Counter(examples[i].llm_label for i in rows if examples[i].parse_ok and examples[i].llm_label)
+        if not votes:
+            continue
+        winner = votes.most_common(1)[0][0]
+        for i in rows:
+            keep[i] = examples[i].llm_label == winner
+    return keep
+
+
+def select_rationales(
+    examples: Sequence[readers.Example],
+    rationale_filter: str,
+    max_rationale_tokens: int | None,
+    same_label: Callable[[str, str], bool],
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """(a boolean keep per example, counts): which rows' rationales train, and how many each rule dropped.
+
+    Rows without a teacher rationale are neither kept nor counted as dropped (no option can bring them back)."""
+    if rationale_filter not in RATIONALE_FILTERS:
+        raise ValueError(f"DataOptions.rationale_filter={rationale_filter!r}; expected one of {RATIONALE_FILTERS}")
+    has = np.array([e.has_teacher and bool(e.rationale) for e in examples], bool)
+    keep = has.copy()
+    counts = {"with_rationale": int(has.sum())}
+    if rationale_filter == "teacher_correct":
+        right = np.array([same_label(e.label, e.llm_label) for e in examples], bool)
+        counts["dropped_teacher_wrong"] = int((keep & ~right).sum())
+        keep &= right
+    elif rationale_filter == "majority_vote":
+        vote = np.array(_majority_keep(examples), bool)
+        counts["dropped_minority_vote"] = int((keep & ~vote).sum())
+        keep &= vote
+    if max_rationale_tokens:
+        if count_tokens is None:
+            raise ValueError("DataOptions.max_rationale_tokens needs the run's vocabulary to count tokens")
+        lengths = np.array(count_tokens([e.rationale for e in examples]), np.int64)
+        short = lengths <= max_rationale_tokens
+        counts["dropped_too_long"] = int((keep & ~short).sum())
+        keep &= short
+    counts["kept"] = int(keep.sum())
+    return keep, counts
