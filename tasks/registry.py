@@ -152,24 +152,31 @@ class Source:
         return tf.data.Dataset.from_tensor_slices({k: tf.constant(v) for k, v in cols.items()})
 
 
-def rationale_selection(source: Source, opts: DataOptions, vocabulary: seqio.Vocabulary) -> tuple[np.ndarray, dict]:
-    """The training split's rationale mask (indexed by ``idx``) and counts under ``opts`` (``tasks/quality.py``)."""
-    examples = source.examples("train")
-    same = metric_fns_for(source.benchmark)[0]
+def select_rationales(
+    benchmark: str | None, examples: list[readers.Example], opts: DataOptions, vocabulary: seqio.Vocabulary | None
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Which examples' rationales train under ``opts``, and the counts (``tasks/quality.py``; dss-data reports them)."""
+    same = metric_fns_for(benchmark)[0]
 
     def count_tokens(texts: list[str]) -> list[int]:
         return [len(ids) + 1 for ids in vocabulary.tokenizer.encode(texts)]  # +1: EOS
 
-    keep, counts = quality.select_rationales(
+    return quality.select_rationales(
         examples,
         opts.rationale_filter,
         opts.max_rationale_tokens,
         lambda gold, llm: same([gold], [llm])["accuracy"] == 100.0,
-        count_tokens,
+        count_tokens if vocabulary is not None else None,
     )
+
+
+def rationale_mask(source: Source, opts: DataOptions, vocabulary: seqio.Vocabulary) -> np.ndarray:
+    """The training split's rationale keep mask, indexed by ``idx``."""
+    examples = source.examples("train")
+    keep, _ = select_rationales(source.benchmark, examples, opts, vocabulary)
     mask = np.zeros(max((e.idx for e in examples), default=-1) + 1, bool)
     mask[[e.idx for e in examples]] = keep
-    return mask, counts
+    return mask
 
 
 def _mark_rationales(ds: tf.data.Dataset, mask: np.ndarray | None) -> tf.data.Dataset:
@@ -374,7 +381,7 @@ def register_source(source: Source, vocabulary: seqio.Vocabulary, *, options: Da
     SOURCES[b] = source
     names = []
     selective = options.rationale_filter != "all" or options.max_rationale_tokens
-    mask = rationale_selection(source, options, vocabulary)[0] if selective and "train" in source.splits else None
+    mask = rationale_mask(source, options, vocabulary) if selective and "train" in source.splits else None
 
     def add(name: str, kind: str, prefix: str, label_key: str, task_id: int, needs_teacher: bool) -> None:
         pre = [seqio.map_over_dataset(_format(kind, prefix, label_key)), *_tail(task_id)]

@@ -1,9 +1,12 @@
 """``dss-data``: what the data layer makes of a benchmark, before any training.
 
     dss-data --benchmark cqa svamp [--spm PATH | --train_vocab] [--show 3] [--json]
+             [--rationale_filter teacher_correct] [--max_rationale_tokens 64]
 
 Per benchmark and split: example count, teacher completions and parse failures, teacher label accuracy
 against the human labels, and token-length percentiles (input, label, rationale) under a vocabulary.
+With the rationale-quality data options (the trainer's ``registry.DataOptions`` of the same names), the training
+split also shows how many rationales train and how many each rule drops.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dss_jax.tasks import readers
+from dss_jax.tasks import quality, readers
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -50,6 +53,14 @@ def _pct(xs: list[int]) -> dict[str, int]:
     return {f"p{p}": int(np.percentile(xs, p)) for p in PERCENTILES}
 
 
+def _rationale_column(r: dict) -> str:
+    c = r.get("rationales")
+    if not c:
+        return ""
+    dropped = ", ".join(f"{k.removeprefix('dropped_')} {v}" for k, v in c.items() if k.startswith("dropped_"))
+    return f"{c['kept']}/{c['with_rationale']}" + (f" (dropped: {dropped})" if dropped else "")
+
+
 def format_table(rows: list[dict]) -> str:
     head = [
         "benchmark",
@@ -62,15 +73,18 @@ def format_table(rows: list[dict]) -> str:
         "label tok p50/p99",
         "rationale tok p50/p90/p99/max",
     ]
+    if any("rationales" in r for r in rows):
+        head.append("rationales kept")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = "" if r["teacher_accuracy"] is None else f"{r['teacher_accuracy']:.2f}"
         inp = "/".join(str(v) for v in r["input_tokens"].values()) if "input_tokens" in r else ""
         lab = f"{r['label_tokens']['p50']}/{r['label_tokens']['p99']}" if "label_tokens" in r else ""
         rat = "/".join(str(v) for v in r["rationale_tokens"].values()) if "rationale_tokens" in r else ""
-        lines.append(
-            f"| {r['benchmark']} | {r['split']} | {r['examples']} | {r['teacher_outputs']} | {r['parse_failures']} | {acc} | {inp} | {lab} | {rat} |"
-        )
+        cells = [r["benchmark"], r["split"], r["examples"], r["teacher_outputs"], r["parse_failures"], acc, inp, lab, rat]
+        if len(head) > len(cells):
+            cells.append(_rationale_column(r))
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -86,6 +100,13 @@ def show_examples(benchmark: str, split: str, examples: list[readers.Example], n
     return "\n".join(out)
 
 
+def _rationale_counts(benchmark: str | None, examples: list[readers.Example], args: argparse.Namespace, vocab) -> dict:  # noqa: ANN001
+    from dss_jax.tasks import registry
+
+    opts = registry.DataOptions(rationale_filter=args.rationale_filter, max_rationale_tokens=args.max_rationale_tokens)
+    return registry.select_rationales(benchmark, examples, opts, vocab)[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dss-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", nargs="+", default=list(readers.BENCHMARKS), help="benchmarks (default: all)")
@@ -97,7 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", type=int, default=0, help="print N formatted examples per split as the model sees them")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
     p.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up messages")
+    p.add_argument(
+        "--rationale_filter",
+        default="all",
+        choices=quality.RATIONALE_FILTERS,
+        help="count the training rationales this data option keeps (registry.DataOptions.rationale_filter)",
+    )
+    p.add_argument(
+        "--max_rationale_tokens",
+        type=int,
+        default=None,
+        help="count the rationales over N tokens (EOS included) that this data option drops; needs --spm or --train_vocab",
+    )
     args = p.parse_args(argv)
+    if args.max_rationale_tokens and not (args.spm or args.train_vocab):
+        p.error("--max_rationale_tokens counts tokens: pass --spm PATH or --train_vocab")
     if not args.verbose:
         from dss_jax import configs
 
@@ -122,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 splits = {s: readers.read_split(data_dir, bench, s) for s in readers.available_splits(data_dir, bench)}
             for split, examples in splits.items():
                 rows.append(split_stats(bench or name, split, examples, vocab))
+                if split == "train" and (args.rationale_filter != "all" or args.max_rationale_tokens):
+                    rows[-1]["rationales"] = _rationale_counts(bench, examples, args, vocab)
                 if args.show:
                     shows.append(show_examples(name, split, examples, args.show))
     except (FileNotFoundError, readers.DataFormatError, ValueError) as e:

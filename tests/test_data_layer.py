@@ -244,3 +244,36 @@ def test_parse_failure_policy_drop_leaves_out_exactly_the_unparsed(registered):
         _reregister_svamp(v, on_parse_failure="keep")
     failures = sum(not e.parse_ok for e in readers.read_split(SHARED_DATA, "svamp", "validation"))
     assert kept == 80 and failures > 0 and dropped == kept - failures
+
+
+def test_rationale_quality_options_keep_the_label_and_drop_only_the_rationale(registered):
+    """teacher_correct + a length cap: the rationale examples are exactly the kept rows', every input keeps its
+    label example in the paired DSS task, and dss-data's counts say how many each rule dropped."""
+    from dss_jax.tasks import pipeline, registry
+
+    v, _ = registered
+    train = readers.read_split(SHARED_DATA, "svamp", "train")
+    opts = registry.DataOptions(rationale_filter="teacher_correct", max_rationale_tokens=64)
+    keep, counts = registry.select_rationales("svamp", train, opts, v)
+    assert counts["dropped_teacher_wrong"] > 100 and counts["dropped_too_long"] > 0
+    assert (
+        counts["kept"]
+        == int(keep.sum())
+        == counts["with_rationale"] - counts["dropped_teacher_wrong"] - counts["dropped_too_long"]
+    )
+
+    def targets(name, task_id=None):
+        ds = pipeline.get_dataset(name, "train", 128, 128, 1, pack=False, shuffle=False, seed=0, num_epochs=1)
+        rows = [(x["decoder_task_ids"].numpy()[0, 0], x["decoder_target_tokens"].numpy()[0]) for x in ds]
+        return [v.decode([int(t) for t in toks if t > 1]) for tid, toks in rows if task_id in (None, tid)]
+
+    _reregister_svamp(v, rationale_filter="teacher_correct", max_rationale_tokens=64)
+    try:
+        rationales = targets("svamp_rationale")
+        paired_labels = targets("svamp_dss_gold", task_id=1)
+        paired_rationales = targets("svamp_dss_gold", task_id=2)
+    finally:
+        _reregister_svamp(v)
+    want = [v.decode(v.encode(e.rationale)[:127]) for e, k in zip(train, keep) if k]
+    assert sorted(rationales) == sorted(paired_rationales) == sorted(want)  # (TFDS stores rows in its own order)
+    assert len(paired_labels) == len(train)  # the label task still sees every input
