@@ -39,7 +39,7 @@ setup(
     description="Distilling step-by-step: train small T5 students on LLM rationales with JAX/Flax",
     python_requires=">=3.10",
     packages=["dss_jax", "dss_jax.tasks", "dss_jax.gin_configs"],
-    # tasks/ is importable as dss_jax.tasks; gin/ ships inside the package so installed copies find it
+    # tasks/ is imported as dss_jax.tasks (why: tasks/__init__.py); gin/ ships inside the package so installed copies find it
     package_dir={"dss_jax": "dss_jax", "dss_jax.tasks": "tasks", "dss_jax.gin_configs": "gin"},
     package_data={"dss_jax.gin_configs": ["*/*.gin", "sweeps/*.json"], "dss_jax": ["prompts/*.json"]},
     install_requires=CORE + DATA,

@@ -24,28 +24,32 @@ def _strip_label(label: str) -> str:
     return label[:-1].rstrip() if label.endswith(".") else label
 
 
+def _split_at(completion: str, marker: str) -> tuple[str, str | None]:
+    """(rationale, the text after ``marker``) of a completion's first answer (the teacher may go on to write the
+    next few-shot question); None when the marker is missing."""
+    head = completion.split("Q:")[0].rstrip()
+    if marker not in head:
+        return head.strip(), None
+    rationale, tail = head.split(marker, 1)
+    return rationale.strip(), tail
+
+
 def parse_cqa(completion: str) -> Parsed:
     """'<rationale> So the answer is (c) train station.' -> (rationale, 'train station')."""
-    head = completion.split("Q:")[0].rstrip()
-    if "So the answer is" not in head:
-        return Parsed(head.strip(), "", False)
-    rationale, label = head.split("So the answer is", 1)
-    m = re.match(r"\s*\(([a-e])\)\s*(.*)", label, re.S)
+    rationale, tail = _split_at(completion, "So the answer is")
+    m = re.match(r"\s*\(([a-e])\)\s*(.*)", tail or "", re.S)
     if not m or not m.group(2).strip():
-        return Parsed(rationale.strip(), "", False)
-    return Parsed(rationale.strip(), _strip_label(m.group(2)), True)
+        return Parsed(rationale, "", False)
+    return Parsed(rationale, _strip_label(m.group(2)), True)
 
 
 def parse_svamp(completion: str) -> Parsed:
     """'<rationale> The answer is (84 / 2).' -> (rationale, '(84 / 2)')."""
-    head = completion.split("Q:")[0].rstrip()
-    if "The answer is" not in head:
-        return Parsed(head.strip(), "", False)
-    rationale, label = head.split("The answer is", 1)
-    m = re.search(r"\(.*\)", label, re.S)
+    rationale, tail = _split_at(completion, "The answer is")
+    m = re.search(r"\(.*\)", tail or "", re.S)
     if not m:
-        return Parsed(rationale.strip(), "", False)
-    return Parsed(rationale.strip(), m.group(0).strip(), True)
+        return Parsed(rationale, "", False)
+    return Parsed(rationale, m.group(0).strip(), True)
 
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 
 import gin
@@ -38,6 +39,7 @@ import tensorflow as tf
 from dss_jax.losses import LABEL_TASK_ID, RATIONALE_TASK_ID
 from dss_jax.tasks import arithmetic, quality, readers, tfds_builder
 
+log = logging.getLogger("dss_jax.data")
 TASK_IDS = {"label": LABEL_TASK_ID, "rationale": RATIONALE_TASK_ID}
 SINGLE_TASK_SEPARATOR = " So the answer is "
 METHODS = ("dss", "finetune", "distill", "single_task")
@@ -173,7 +175,15 @@ def select_rationales(
 def rationale_mask(source: Source, opts: DataOptions, vocabulary: seqio.Vocabulary) -> np.ndarray:
     """The training split's rationale keep mask, indexed by ``idx``."""
     examples = source.examples("train")
-    keep, _ = select_rationales(source.benchmark, examples, opts, vocabulary)
+    keep, counts = select_rationales(source.benchmark, examples, opts, vocabulary)
+    dropped = ", ".join(f"{k.removeprefix('dropped_')} {v}" for k, v in counts.items() if k.startswith("dropped_"))
+    log.warning(
+        "%s: the data options keep %d of %d training rationales (dropped: %s)",
+        source.name,
+        counts["kept"],
+        counts["with_rationale"],
+        dropped,
+    )
     mask = np.zeros(max((e.idx for e in examples), default=-1) + 1, bool)
     mask[[e.idx for e in examples]] = keep
     return mask
