@@ -15,7 +15,9 @@ Files beside ``--output X.jsonl``: ``X.store.jsonl`` (the append-only store of r
 ``X.raw.jsonl`` (each input's raw completions, parsed labels and votes), ``X.summary.json`` (teacher accuracy
 where gold labels exist, parse failures, truncated completions, agreement, tokens, requests, retries). The
 output is the project's user JSONL: ``input``, ``label`` (the gold label, else the teacher's), ``rationale``,
-``llm_label``, plus ``input_b`` and ``id`` where the input has them.
+``llm_label``, plus ``input_b`` and ``id`` where the input has them, and ``rationales`` (every distinct
+rationale of the winning answer) where several samples agree: ``registry.DataOptions.rationales_per_input`` trains
+on them.
 
 Exit status: 0 complete; 2 bad input or an endpoint that refuses the key/model; 3 incomplete (a budget was
 reached or requests kept failing): the output then holds only the inputs whose samples are all stored, and a
@@ -417,7 +419,12 @@ def vote(spec: teacher_prompts.PromptSpec, samples: list[dict | None]) -> dict:
     out = {"parsed": parsed, "counts": counts, "winner": None, "label": "", "rationale": "", "usable": sum(counts.values())}
     if winner is not None:
         p = parsed[first[winner]]
-        out.update(winner=winner, label=p.label, rationale=p.rationale)
+        agreeing = [
+            q.rationale
+            for q, s in zip(parsed, samples)
+            if q is not None and q.ok and s.get("finish_reason") != "length" and vote_key(spec.benchmark, q.label) == winner
+        ]
+        out.update(winner=winner, label=p.label, rationale=p.rationale, rationales=list(dict.fromkeys(agreeing)))
     return out
 
 
@@ -480,6 +487,8 @@ def aggregate(spec: teacher_prompts.PromptSpec, inputs: list[TeacherInput], samp
         from_teacher += x.label is None
         if v["winner"] is not None:
             row["rationale"] = v["rationale"]
+            if len(v["rationales"]) > 1:  # several samples agree: DataOptions.rationales_per_input trains on them
+                row["rationales"] = v["rationales"]
             row["llm_label"] = v["label"]
         rows.append(row)
     return {

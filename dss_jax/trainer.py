@@ -189,7 +189,7 @@ def train_step(
         "rationale_loss": aux["rationale_loss_sum"] / jnp.maximum(counts["rationale"], 1.0),
         "grad_norm": grad_norm,
         "nonfinite": flags,
-        "target_tokens": counts["all"],
+        "target_tokens": jnp.sum(w > 0).astype(jnp.float32),  # tokens, whatever their loss weight
         "nonpad_input_tokens": jnp.sum(batch["encoder_input_tokens"] != 0).astype(jnp.float32),
         **_sequence_counts(batch),
     }

@@ -10,6 +10,10 @@ learns the human label), and leaves the rationale-only and single-task data. ``d
   from ``dss-teacher --n``), keep only the rationales whose label is the samples' most common one.
 - ``max_rationale_tokens=N``: drop rationales longer than N tokens of the run's vocabulary (EOS included), where
   the trainer would otherwise cut them at the target length.
+- ``rationales_per_input=K``: inputs with several teacher rationales (users' ``rationales`` list, written by
+  ``dss-teacher --n``) train on up to K of them, each weighted 1/k (k: the input's kept rationales), so an input's
+  rationale task carries the same weight as with one rationale and ``a`` keeps its meaning. The extra rationales
+  follow their input's filter decision and the length cap applies to each.
 
 No TensorFlow here: the registry turns the kept rows into a mask over the source's ``idx``.
 """
@@ -17,6 +21,7 @@ No TensorFlow here: the registry turns the kept rows into a mask over the source
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -44,6 +49,42 @@ def _majority_keep(examples: Sequence[readers.Example]) -> list[bool]:
     return keep
 
 
+MAX_RATIONALES_PER_INPUT = 8
+
+
+def weight_scale(per_input: int) -> int:
+    """The integer every training token's loss weight is scaled by, so that 1/k (k <= per_input) is an integer
+    weight too: lcm(1..per_input) (1 for one rationale per input: the weights stay 0/1). Per-task means and the
+    token mean divide by the summed weights, so a common scale changes no loss."""
+    return math.lcm(*range(1, per_input + 1))
+
+
+def extra_rationales(
+    examples: Sequence[readers.Example],
+    keep: np.ndarray,
+    per_input: int,
+    max_rationale_tokens: int | None,
+    count_tokens: Callable[[list[str]], list[int]] | None,
+) -> tuple[list[tuple[str, ...]], dict[str, int]]:
+    """Per example, the extra rationales that train beside its own (up to ``per_input - 1``), and counts."""
+    out: list[tuple[str, ...]] = []
+    capped = 0
+    for e, k in zip(examples, keep):
+        extra = list(e.extra_rationales) if k else []
+        if extra and max_rationale_tokens:
+            short = [r for r, n in zip(extra, count_tokens(extra)) if n <= max_rationale_tokens]
+            capped += len(extra) - len(short)
+            extra = short
+        out.append(tuple(extra[: per_input - 1]))
+    counts = {
+        "inputs_with_several_rationales": sum(bool(x) for x in out),
+        "extra_rationales": sum(len(x) for x in out),
+    }
+    if max_rationale_tokens:
+        counts["extra_dropped_too_long"] = capped
+    return out, counts
+
+
 def select_rationales(
     examples: Sequence[readers.Example],
     rationale_filter: str,
@@ -51,7 +92,7 @@ def select_rationales(
     same_label: Callable[[str, str], bool],
     count_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """(a boolean keep per example, counts): which rows' rationales train, and how many each rule dropped.
+    """(a boolean keep per example, counts): which rows' own rationales train, and how many each rule dropped.
 
     Rows without a teacher rationale are neither kept nor counted as dropped (no option can bring them back)."""
     if rationale_filter not in RATIONALE_FILTERS:

@@ -47,6 +47,13 @@ class Example:
     llm_label: str = ""  # teacher label ("" when absent or unparsed)
     has_teacher: bool = False
     parse_ok: bool = True
+    # more teacher rationales for the same input and label (users' ``rationales``; dss-teacher --n writes them):
+    # the data option ``rationales_per_input`` trains on several, weighted so the input counts once
+    extra_rationales: tuple[str, ...] = ()
+
+    def table_row(self) -> dict:
+        """The fields of one row of a table (TFDS, tf.data): one value each, without ``extra_rationales``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra_rationales"}
 
 
 def default_data_dir() -> Path:
@@ -211,9 +218,21 @@ def read_split(data_dir: Path, benchmark: str, split: str) -> list[Example]:
     raise ValueError(f"{benchmark} has no split {split!r}; splits: {available_splits(data_dir, benchmark)}")
 
 
+def _rationales(row: dict, path: Path, lineno: int) -> tuple[str, tuple[str, ...]]:
+    """(the rationale, the others) from ``rationale`` and the optional list ``rationales`` (the first is the
+    rationale when ``rationale`` is absent; repeats are dropped)."""
+    many = row.get("rationales", [])
+    if not isinstance(many, list) or not all(isinstance(r, str) for r in many):
+        raise DataFormatError(f"{path}:{lineno}: field 'rationales' must be a list of strings")
+    texts = [r for r in ([row["rationale"]] if "rationale" in row else []) + many if r.strip()]
+    unique = list(dict.fromkeys(texts))
+    return (unique[0] if unique else row.get("rationale", "")), tuple(unique[1:])
+
+
 def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Users' own data: JSON Lines with ``input``, ``label`` and optionally ``rationale``, ``llm_label`` and
-    ``input_b`` (a second segment joined to the input by EOS, as the NLI hypothesis; dss-teacher writes it)."""
+    """Users' own data: JSON Lines with ``input``, ``label`` and optionally ``rationale`` (or a list
+    ``rationales``: several teacher rationales for the input), ``llm_label`` and ``input_b`` (a second segment
+    joined to the input by EOS, as the NLI hypothesis; dss-teacher writes it)."""
     path = Path(path)
     out = []
     for i, (lineno, row) in enumerate(read_jsonl_lines(path, ("input", "label"))):
@@ -223,17 +242,19 @@ def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
         for key in ("input", "label"):
             if not row[key].strip():
                 raise DataFormatError(f"{path}:{lineno}: field {key!r} is empty")
-        has_teacher = "rationale" in row or "llm_label" in row
+        has_teacher = "rationale" in row or "rationales" in row or "llm_label" in row
+        rationale, extra = _rationales(row, path, lineno)
         out.append(
             Example(
                 i,
                 row["input"],
                 row.get("input_b", ""),
                 row["label"],
-                row.get("rationale", ""),
+                rationale,
                 row.get("llm_label", ""),
                 has_teacher=has_teacher,
                 parse_ok=True,
+                extra_rationales=extra,
             )
         )
     return out

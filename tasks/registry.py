@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -52,18 +53,25 @@ MIXINGS = ("objective", "rates")
 class DataOptions:
     """Which training data: fraction (deterministic by seed, the same subset for every method), what to do
     with teacher completions that did not parse ('keep': empty rationale/label; 'drop': leave the input out), and
-    which rationales train (``tasks/quality.py``: ``rationale_filter``, ``max_rationale_tokens``)."""
+    which rationales train (``tasks/quality.py``: ``rationale_filter``, ``max_rationale_tokens``,
+    ``rationales_per_input``)."""
 
     train_fraction: float = 1.0
     subset_seed: int = 0
     on_parse_failure: str = "keep"
     rationale_filter: str = "all"
     max_rationale_tokens: int | None = None
+    rationales_per_input: int = 1
 
     def __post_init__(self) -> None:
         if self.rationale_filter not in quality.RATIONALE_FILTERS:
             raise ValueError(
                 f"DataOptions.rationale_filter={self.rationale_filter!r}; expected one of {quality.RATIONALE_FILTERS}"
+            )
+        if not 1 <= self.rationales_per_input <= quality.MAX_RATIONALES_PER_INPUT:
+            raise ValueError(
+                f"DataOptions.rationales_per_input must be in [1, {quality.MAX_RATIONALES_PER_INPUT}], "
+                f"got {self.rationales_per_input}"
             )
         if self.max_rationale_tokens is not None and self.max_rationale_tokens < 2:
             raise ValueError(
@@ -149,52 +157,96 @@ class Source:
         if self.benchmark:
             b = tfds_builder.builder(self.benchmark, self.data_dir)
             return b.as_dataset(split=split, shuffle_files=shuffle_files)
-        rows = [dataclasses.asdict(e) for e in self.examples(split)]
+        rows = [e.table_row() for e in self.examples(split)]
         cols = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
         return tf.data.Dataset.from_tensor_slices({k: tf.constant(v) for k, v in cols.items()})
 
 
 def select_rationales(
     benchmark: str | None, examples: list[readers.Example], opts: DataOptions, vocabulary: seqio.Vocabulary | None
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Which examples' rationales train under ``opts``, and the counts (``tasks/quality.py``; dss-data reports them)."""
+) -> tuple[np.ndarray, list[tuple[str, ...]], dict[str, int]]:
+    """Which examples' rationales train under ``opts``, their extra rationales, and the counts (``tasks/quality.py``;
+    dss-data reports them)."""
     same = metric_fns_for(benchmark)[0]
 
     def count_tokens(texts: list[str]) -> list[int]:
-        return [len(ids) + 1 for ids in vocabulary.tokenizer.encode(texts)]  # +1: EOS
+        return [len(ids) + 1 for ids in vocabulary.tokenizer.encode(texts)] if texts else []  # +1: EOS
 
-    return quality.select_rationales(
+    counter = count_tokens if vocabulary is not None else None
+    keep, counts = quality.select_rationales(
         examples,
         opts.rationale_filter,
         opts.max_rationale_tokens,
         lambda gold, llm: same([gold], [llm])["accuracy"] == 100.0,
-        count_tokens if vocabulary is not None else None,
+        counter,
     )
+    extras, more = quality.extra_rationales(examples, keep, opts.rationales_per_input, opts.max_rationale_tokens, counter)
+    return keep, extras, {**counts, **(more if opts.rationales_per_input > 1 else {})}
 
 
-def rationale_mask(source: Source, opts: DataOptions, vocabulary: seqio.Vocabulary) -> np.ndarray:
-    """The training split's rationale keep mask, indexed by ``idx``."""
-    examples = source.examples("train")
-    keep, counts = select_rationales(source.benchmark, examples, opts, vocabulary)
-    dropped = ", ".join(f"{k.removeprefix('dropped_')} {v}" for k, v in counts.items() if k.startswith("dropped_"))
-    log.warning(
-        "%s: the data options keep %d of %d training rationales (dropped: %s)",
-        source.name,
-        counts["kept"],
-        counts["with_rationale"],
-        dropped,
-    )
-    mask = np.zeros(max((e.idx for e in examples), default=-1) + 1, bool)
-    mask[[e.idx for e in examples]] = keep
-    return mask
+@dataclasses.dataclass(frozen=True)
+class RationaleTable:
+    """The training split's rationale examples, per row (indexed by ``idx``): whether its own rationale trains,
+    its extra rationales ("" padded to ``rationales_per_input - 1``), and the loss weights (``quality.weight_scale``)."""
+
+    keep: np.ndarray
+    extra: np.ndarray
+    label_weight: int
+    rationale_weight: np.ndarray
+
+    @classmethod
+    def build(cls, source: Source, opts: DataOptions, vocabulary: seqio.Vocabulary) -> RationaleTable:
+        examples = source.examples("train")
+        keep, extras, counts = select_rationales(source.benchmark, examples, opts, vocabulary)
+        log.warning("%s: the data options train on rationales: %s", source.name, json.dumps(counts))
+        rows = max((e.idx for e in examples), default=-1) + 1
+        at = [e.idx for e in examples]
+        table = cls(
+            keep=np.zeros(rows, bool),
+            extra=np.full((rows, opts.rationales_per_input - 1), "", object),
+            label_weight=quality.weight_scale(opts.rationales_per_input),
+            rationale_weight=np.ones(rows, np.int32),
+        )
+        table.keep[at] = keep
+        for i, x in zip(at, extras):
+            table.extra[i, : len(x)] = x
+            table.rationale_weight[i] = table.label_weight // (1 + len(x))
+        return table
 
 
-def _mark_rationales(ds: tf.data.Dataset, mask: np.ndarray | None) -> tf.data.Dataset:
-    """Adds ``keep_rationale`` to each row: its rationale trains (no mask: every row with a rationale)."""
-    if mask is None:
-        return ds.map(lambda ex: {**ex, "keep_rationale": tf.constant(True)})
-    table = tf.constant(mask)
-    return ds.map(lambda ex: {**ex, "keep_rationale": tf.gather(table, tf.cast(ex["idx"], tf.int32))})
+def _mark_rationales(ds: tf.data.Dataset, table: RationaleTable | None) -> tf.data.Dataset:
+    """Adds what the rationale examples need to each row: ``keep_rationale``, ``extra_rationales`` and the loss
+    weights of its label and rationale examples (no table: every rationale, one per input, weight 1)."""
+    if table is None:
+        fixed = {
+            "keep_rationale": tf.constant(True),
+            "extra_rationales": tf.zeros([0], tf.string),
+            "label_weight": tf.constant(1, tf.int32),
+            "rationale_weight": tf.constant(1, tf.int32),
+        }
+        return ds.map(lambda ex: {**ex, **fixed})
+    keep, extra = tf.constant(table.keep), tf.constant(table.extra.astype(str))
+    weight = tf.constant(table.rationale_weight)
+
+    def add(ex: dict) -> dict:
+        i = tf.cast(ex["idx"], tf.int32)
+        return {
+            **ex,
+            "keep_rationale": tf.gather(keep, i),
+            "extra_rationales": tf.gather(extra, i),
+            "label_weight": tf.constant(table.label_weight, tf.int32),
+            "rationale_weight": tf.gather(weight, i),
+        }
+
+    return ds.map(add)
+
+
+def _rationale_rows(ex: dict) -> tf.data.Dataset:
+    """The row once per rationale that trains (``rationale`` set to it): none when a data option dropped it, else
+    its own and its extras."""
+    texts = tf.concat([[ex["rationale"]], ex["extra_rationales"]], 0)
+    k = tf.where(ex["keep_rationale"], 1 + tf.math.count_nonzero(ex["extra_rationales"] != "", dtype=tf.int32), 0)
+    return tf.data.Dataset.from_tensor_slices(texts[:k]).map(lambda t: {**ex, "rationale": t})
 
 
 def _dataset_fn(
@@ -202,7 +254,7 @@ def _dataset_fn(
     opts: DataOptions,
     kind: str,
     needs_teacher: bool,
-    mask: np.ndarray | None,
+    table: RationaleTable | None,
     split: str,
     shuffle_files: bool,
     seed: int | None = None,
@@ -221,8 +273,10 @@ def _dataset_fn(
         idx = np.array([e.idx for e in source.examples("train")], np.int64)
         keep = tf.constant(idx[readers.training_subset(len(idx), opts.train_fraction, opts.subset_seed)])
         ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["idx"], tf.int64), keep)))
-    ds = _mark_rationales(ds, mask if split == "train" else None)
-    if kind in ("rationale", "single_task"):
+    ds = _mark_rationales(ds, table if split == "train" else None)
+    if kind == "rationale":
+        ds = ds.flat_map(_rationale_rows)
+    elif kind == "single_task":
         ds = ds.filter(lambda ex: ex["keep_rationale"])
     if kind == "paired" and split == "train":
         seed = opts.subset_seed if seed is None else seed
@@ -263,17 +317,19 @@ def _format(kind: str, prefix: str, label_key: str):
             "targets_pretokenized": targets,
             "label_pretokenized": ex["label"],
             "idx": ex["idx"],
+            "weight": ex["rationale_weight"] if kind == "rationale" else ex["label_weight"],
         }
 
     return fn
 
 
-def _pairs(ex: dict) -> tf.data.Dataset:
-    """One input -> its label example then its rationale example (the paper's objective); the label alone when a
-    data option dropped the rationale."""
-    label, rationale = ex["label_row"], ex["rationale_row"]
-    n = tf.cast(ex["keep_rationale"], tf.int64)
-    return tf.data.Dataset.from_tensors(label).concatenate(tf.data.Dataset.from_tensors(rationale).take(n))
+def _pair_rows(ex: dict, label_key: str) -> tf.data.Dataset:
+    """One input -> its label example, then its rationale example(s) (the paper's objective): none when a data
+    option dropped its rationale, several (each weighted 1/k) with ``rationales_per_input``."""
+    label = {**_format("label", "predict: ", label_key)(ex), "task_id": tf.constant(LABEL_TASK_ID, tf.int32)}
+    explain = _format("rationale", "explain: ", label_key)
+    rationales = _rationale_rows(ex).map(lambda r: {**explain(r), "task_id": tf.constant(RATIONALE_TASK_ID, tf.int32)})
+    return tf.data.Dataset.from_tensors(label).concatenate(rationales)
 
 
 @seqio.map_over_dataset
@@ -294,7 +350,9 @@ def _add_task_ids(task_id: int):
     @seqio.map_over_dataset
     def fn(ex: dict) -> dict:
         tid = ex.pop("task_id", tf.constant(task_id, tf.int32))
-        return {**ex, "targets_task": tf.ones_like(ex["targets"]) * tf.cast(tid, tf.int32)}
+        weight = ex.pop("weight", tf.constant(1, tf.int32))
+        ones = tf.ones_like(ex["targets"])
+        return {**ex, "targets_task": ones * tf.cast(tid, tf.int32), "targets_weight": ones * tf.cast(weight, tf.int32)}
 
     return fn
 
@@ -349,6 +407,8 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
         "inputs": seqio.Feature(vocabulary, add_eos=True, required=True),
         "targets": seqio.Feature(vocabulary, add_eos=True, required=True),
         "targets_task": seqio.Feature(seqio.PassThroughVocabulary(size=3), add_eos=False, required=False),
+        # per-token loss weight (1, or scaled for several rationales per input: tasks/quality.py)
+        "targets_weight": seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False, required=False),
     }
 
 
@@ -360,7 +420,7 @@ def _add_task(
     vocabulary: seqio.Vocabulary,
     preprocessors: list,
     opts: DataOptions,
-    mask: np.ndarray | None,
+    table: RationaleTable | None,
 ) -> None:
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
@@ -368,7 +428,7 @@ def _add_task(
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
-            functools.partial(_dataset_fn, source, opts, kind, needs_teacher, mask), splits=source.splits
+            functools.partial(_dataset_fn, source, opts, kind, needs_teacher, table), splits=source.splits
         ),
         shuffle_buffer_size=None if kind == "paired" else seqio.dataset_providers.SHUFFLE_BUFFER_SIZE,
         preprocessors=preprocessors,
@@ -390,12 +450,12 @@ def register_source(source: Source, vocabulary: seqio.Vocabulary, *, options: Da
     b = source.name
     SOURCES[b] = source
     names = []
-    selective = options.rationale_filter != "all" or options.max_rationale_tokens
-    mask = rationale_mask(source, options, vocabulary) if selective and "train" in source.splits else None
+    selective = options.rationale_filter != "all" or options.max_rationale_tokens or options.rationales_per_input > 1
+    table = RationaleTable.build(source, options, vocabulary) if selective and "train" in source.splits else None
 
     def add(name: str, kind: str, prefix: str, label_key: str, task_id: int, needs_teacher: bool) -> None:
         pre = [seqio.map_over_dataset(_format(kind, prefix, label_key)), *_tail(task_id)]
-        _add_task(name, kind, needs_teacher, source, vocabulary, pre, options, mask)
+        _add_task(name, kind, needs_teacher, source, vocabulary, pre, options, table)
         names.append(name)
 
     add(f"{b}_label_gold", "label", "predict: ", "label", LABEL_TASK_ID, False)
@@ -407,16 +467,11 @@ def register_source(source: Source, vocabulary: seqio.Vocabulary, *, options: Da
         add(f"{b}_single_task_{src}", "single_task", "", key, LABEL_TASK_ID, True)
 
         # The paper's objective: both targets of an input side by side (task ids 1, 2).
-        def both(ex: dict, key: str = key) -> dict:
-            label = {**_format("label", "predict: ", key)(ex), "task_id": tf.constant(LABEL_TASK_ID, tf.int32)}
-            rationale = {**_format("rationale", "explain: ", key)(ex), "task_id": tf.constant(RATIONALE_TASK_ID, tf.int32)}
-            return {"label_row": label, "rationale_row": rationale, "keep_rationale": ex["keep_rationale"]}
-
-        def flat_pairs(ds: tf.data.Dataset, both=both) -> tf.data.Dataset:
-            return ds.map(both).flat_map(_pairs)
+        def flat_pairs(ds: tf.data.Dataset, key: str = key) -> tf.data.Dataset:
+            return ds.flat_map(functools.partial(_pair_rows, label_key=key))
 
         name = f"{b}_dss_{src}"
-        _add_task(name, "paired", True, source, vocabulary, [flat_pairs, *_tail(LABEL_TASK_ID)], options, mask)
+        _add_task(name, "paired", True, source, vocabulary, [flat_pairs, *_tail(LABEL_TASK_ID)], options, table)
         names.append(name)
 
         mix = f"{b}_dss_{src}_rates"

@@ -1,7 +1,7 @@
 """``dss-data``: what the data layer makes of a benchmark, before any training.
 
     dss-data --benchmark cqa svamp [--spm PATH | --train_vocab] [--show 3] [--json]
-             [--rationale_filter teacher_correct] [--max_rationale_tokens 64]
+             [--rationale_filter teacher_correct] [--max_rationale_tokens 64] [--rationales_per_input 3]
 
 Per benchmark and split: example count, teacher completions and parse failures, teacher label accuracy
 against the human labels, and token-length percentiles (input, label, rationale) under a vocabulary.
@@ -58,7 +58,10 @@ def _rationale_column(r: dict) -> str:
     if not c:
         return ""
     dropped = ", ".join(f"{k.removeprefix('dropped_')} {v}" for k, v in c.items() if k.startswith("dropped_"))
-    return f"{c['kept']}/{c['with_rationale']}" + (f" (dropped: {dropped})" if dropped else "")
+    extra = (
+        f", +{c['extra_rationales']} extra for {c['inputs_with_several_rationales']} inputs" if "extra_rationales" in c else ""
+    )
+    return f"{c['kept']}/{c['with_rationale']}" + (f" (dropped: {dropped})" if dropped else "") + extra
 
 
 def format_table(rows: list[dict]) -> str:
@@ -103,8 +106,12 @@ def show_examples(benchmark: str, split: str, examples: list[readers.Example], n
 def _rationale_counts(benchmark: str | None, examples: list[readers.Example], args: argparse.Namespace, vocab) -> dict:  # noqa: ANN001
     from dss_jax.tasks import registry
 
-    opts = registry.DataOptions(rationale_filter=args.rationale_filter, max_rationale_tokens=args.max_rationale_tokens)
-    return registry.select_rationales(benchmark, examples, opts, vocab)[1]
+    opts = registry.DataOptions(
+        rationale_filter=args.rationale_filter,
+        max_rationale_tokens=args.max_rationale_tokens,
+        rationales_per_input=args.rationales_per_input,
+    )
+    return registry.select_rationales(benchmark, examples, opts, vocab)[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="count the rationales over N tokens (EOS included) that this data option drops; needs --spm or --train_vocab",
+    )
+    p.add_argument(
+        "--rationales_per_input",
+        type=int,
+        default=1,
+        help="count the extra rationales (users' 'rationales' lists) that train at up to K per input",
     )
     args = p.parse_args(argv)
     if args.max_rationale_tokens and not (args.spm or args.train_vocab):
@@ -157,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 splits = {s: readers.read_split(data_dir, bench, s) for s in readers.available_splits(data_dir, bench)}
             for split, examples in splits.items():
                 rows.append(split_stats(bench or name, split, examples, vocab))
-                if split == "train" and (args.rationale_filter != "all" or args.max_rationale_tokens):
+                if split == "train" and (
+                    args.rationale_filter != "all" or args.max_rationale_tokens or args.rationales_per_input > 1
+                ):
                     rows[-1]["rationales"] = _rationale_counts(bench, examples, args, vocab)
                 if args.show:
                     shows.append(show_examples(name, split, examples, args.show))

@@ -7,7 +7,6 @@ of every file of the benchmark, so two data dirs never share a cache and an edit
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -58,7 +57,7 @@ class DssBenchmark(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, data_dir: Path, benchmark: str, split: str):
         for e in readers.read_split(data_dir, benchmark, split):
-            yield e.idx, dataclasses.asdict(e)
+            yield e.idx, e.table_row()
 
 
 def tfds_dir(data_dir: Path, benchmark: str) -> Path:

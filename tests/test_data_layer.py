@@ -254,7 +254,7 @@ def test_rationale_quality_options_keep_the_label_and_drop_only_the_rationale(re
     v, _ = registered
     train = readers.read_split(SHARED_DATA, "svamp", "train")
     opts = registry.DataOptions(rationale_filter="teacher_correct", max_rationale_tokens=64)
-    keep, counts = registry.select_rationales("svamp", train, opts, v)
+    keep, _, counts = registry.select_rationales("svamp", train, opts, v)
     assert counts["dropped_teacher_wrong"] > 100 and counts["dropped_too_long"] > 0
     assert (
         counts["kept"]

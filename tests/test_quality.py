@@ -49,3 +49,68 @@ def test_length_cap_counts_tokens_and_needs_a_tokenizer():
         quality.select_rationales(rows, "all", 3, _same)
     with pytest.raises(ValueError, match="rationale_filter='best'"):
         quality.select_rationales(rows, "best", None, _same)
+
+
+def _write(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_several_rationales_per_input_are_weighted_so_each_input_counts_once(tmp_path):
+    """With ``rationales_per_input=2`` an input with two rationales yields two rationale examples, each weighted
+    1/2: when its second rationale tokenizes like the first, every loss equals the one-rationale data's, although
+    the inputs with two rationales now appear twice. Without the weights they would count double."""
+    import jax
+    import numpy as np
+
+    from dss_jax import trainer
+    from dss_jax.model import T5, T5Config
+    from dss_jax.tasks import pipeline, registry, vocab
+
+    words = ["red", "blue", "green", "small", "large", "round", "square", "soft"]
+    base = [
+        {"input": f"is the {w} thing {v}", "label": "yes" if i % 2 else "no", "llm_label": "yes" if i % 2 else "no",
+         "rationale": f"the {w} thing is {v} because it is {words[(i + 3) % 8]}"}
+        for i, (w, v) in enumerate(zip(words, reversed(words)))
+    ]  # fmt: skip
+    one = _write(tmp_path / "one.jsonl", base)
+    # inputs 0, 2, 4, 6: a second rationale that differs only by a trailing space (the same tokens)
+    two = _write(
+        tmp_path / "two.jsonl", [{**r, "rationales": [r["rationale"] + " "]} if i % 2 == 0 else r for i, r in enumerate(base)]
+    )
+    v = vocab.get_vocabulary(train_on=one, vocab_size=60)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, dtype="float32")  # fmt: skip
+    params = T5(cfg).init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
+
+    def measure(path, k):
+        registry.register_user_data("kq", v, path, path, options=registry.DataOptions(rationales_per_input=k))
+        out = {}
+        for task in ("kq_rationale", "kq_dss_gold"):
+            ds = pipeline.get_dataset(
+                task, "train", 32, 32, 64, pack=False, shuffle=False, seed=0, num_epochs=1, drop_remainder=False
+            )
+            batch = {name: x.numpy() for name, x in next(iter(ds)).items()}
+            sums = jax.device_get(trainer.eval_step(params, batch, cfg=cfg))
+            flat = {**batch, "decoder_loss_weights": (batch["decoder_loss_weights"] > 0).astype(np.int32)}
+            unweighted = jax.device_get(trainer.eval_step(params, flat, cfg=cfg))
+            out[task] = {
+                "unweighted_rationale_loss": float(unweighted["rationale_loss_sum"] / unweighted["rationale_tokens"]),
+                "rows": int((batch["decoder_loss_weights"].sum(1) > 0).sum()),
+                "weights": sorted(set(batch["decoder_loss_weights"][batch["decoder_loss_weights"] > 0].tolist())),
+                "rationale_loss": float(sums["rationale_loss_sum"] / sums["rationale_tokens"]),
+                "label_loss": float(sums["label_loss_sum"] / max(sums["label_tokens"], 1)),
+            }
+        return out
+
+    a, b = measure(one, 1), measure(two, 2)
+    assert a["kq_rationale"]["rows"] == 8 and b["kq_rationale"]["rows"] == 12  # 4 inputs with two rationales
+    assert a["kq_dss_gold"]["rows"] == 16 and b["kq_dss_gold"]["rows"] == 20  # each input's label once
+    assert a["kq_dss_gold"]["weights"] == [1] and b["kq_dss_gold"]["weights"] == [1, 2]  # lcm(1, 2) = 2: 2 and 2/2
+    for task in a:
+        np.testing.assert_allclose(b[task]["rationale_loss"], a[task]["rationale_loss"], rtol=1e-6)
+        np.testing.assert_allclose(b[task]["label_loss"], a[task]["label_loss"], rtol=1e-6)
+    # and the weights are what makes it so: the same rows, all weighted alike, give another mean
+    assert abs(b["kq_rationale"]["unweighted_rationale_loss"] - a["kq_rationale"]["rationale_loss"]) > 1e-4

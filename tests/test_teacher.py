@@ -526,3 +526,19 @@ def test_end_to_end_a_served_student_teaches_and_its_output_trains(tmp_path, toy
     r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (trained / "summary.json").exists()
+
+
+def test_the_vote_keeps_every_distinct_rationale_of_the_winning_answer():
+    """--n samples that agree on the answer give the output row a ``rationales`` list (first = ``rationale``), which
+    DataOptions.rationales_per_input trains on; losing, truncated and repeated samples stay out."""
+    spec = teacher_prompts.shipped("svamp")
+    texts = [
+        ("He has 3 and gets 2 more. The answer is (3 + 2).", "stop"),
+        ("3 apples plus 2 apples. The answer is (2 + 3).", "stop"),  # the same value: the same answer
+        ("He gives 2 away. The answer is (3 - 2).", "stop"),
+        ("He has 3 and gets 2 more. The answer is (3 + 2).", "stop"),  # a repeat
+        ("Add them up. The answer is (3 + 2).", "length"),  # cut by the token limit: never used
+    ]
+    v = teacher.vote(spec, [{"text": t, "finish_reason": f} for t, f in texts])
+    assert v["rationale"] == "He has 3 and gets 2 more."
+    assert v["rationales"] == ["He has 3 and gets 2 more.", "3 apples plus 2 apples."]
