@@ -122,31 +122,18 @@ def get_dataset(
     converter = DssEncDecFeatureConverter(pack=pack)
     shard = seqio.ShardInfo(shard_id, num_shards)
     provider = seqio.get_mixture_or_task(name)
-    if max_examples and isinstance(provider, seqio.Task):
-        # Part of a split: seqio's in-memory cache of small splits would be abandoned half-read, which TensorFlow
-        # warns about; skip that cache here.
-        ds = provider.get_dataset(
-            lengths,
-            split=split,
-            shuffle=shuffle_examples,
-            seed=seed,
-            shard_info=shard,
-            num_epochs=num_epochs,
-            try_in_mem_cache=False,
-        )
-        ds = converter(ds, task_feature_lengths=lengths).take(max_examples)
-    else:
-        ds = seqio.get_dataset(
-            name,
-            lengths,
-            dataset_split=split,
-            shuffle=shuffle_examples,
-            num_epochs=num_epochs,
-            shard_info=shard,
-            feature_converter=converter,
-            seed=seed,
-        )
-        ds = ds.take(max_examples) if max_examples else ds
+    ds = provider.get_dataset(
+        lengths,
+        split=split,
+        shuffle=shuffle_examples,
+        seed=seed,
+        shard_info=shard,
+        num_epochs=num_epochs,
+        # part of a split: seqio's in-memory cache of small splits would be abandoned half-read (TensorFlow warns)
+        try_in_mem_cache=not max_examples,
+    )
+    ds = converter(ds, task_feature_lengths=lengths)
+    ds = ds.take(max_examples) if max_examples else ds
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
 
@@ -214,6 +201,8 @@ class SeqioData:
     max_eval_examples: int | None = None
     rank_classification: bool = False
     options: registry.DataOptions = dataclasses.field(default_factory=registry.DataOptions)
+    # the selection task's unconverted examples per split, read once (rank classification and scoring both use them)
+    _examples: dict[str, list[dict]] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.batching not in batching.MODES:
@@ -335,12 +324,18 @@ class SeqioData:
         from dss_jax.tasks import baselines
 
         out = []
-        for e in eval_examples(self.selection_task, split)[:n]:
+        for e in self.selection_examples(split)[:n]:
             labels = baselines.candidate_labels(self.source.benchmark, e["inputs_pretokenized"].decode("utf-8", "replace"))
             if labels is None:
                 return None
             out.append(labels)
         return out
+
+    def selection_examples(self, split: str) -> list[dict]:
+        """The selection task's unconverted examples of ``split``, in order (read once per split)."""
+        if split not in self._examples:
+            self._examples[split] = eval_examples(self.selection_task, split)
+        return self._examples[split]
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Target texts -> token ids through EOS, as the label task's targets are tokenized."""
@@ -360,7 +355,7 @@ class SeqioData:
         order of the selection task's unshuffled examples (the first ``len(predictions)`` of the split)."""
         from dss_jax.tasks import baselines
 
-        examples = eval_examples(self.selection_task, split)[: len(predictions)]
+        examples = self.selection_examples(split)[: len(predictions)]
         task = seqio.get_mixture_or_task(self.selection_task)
         targets = [registry.postprocess_label(e["targets_pretokenized"], e, is_target=True) for e in examples]
         preds = [registry.postprocess_label(p) for p in predictions]
