@@ -8,7 +8,9 @@ the eval, infer and export paths read only its parameters, onto any mesh.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -137,11 +139,9 @@ def _restore_train_params(step_dir: Path, cfg: T5Config, shardings: Any) -> Any:
     state_dir = step_dir / "state"
     if not state_dir.is_dir():
         raise FileNotFoundError(f"{state_dir} not found: not a trainer checkpoint step")
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
-        raise CheckpointDamagedError(f"checkpoint step {step_dir.name} is damaged: metadata unreadable ({_first_line(e)})") from e
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    tree = _stored_tree(state_dir)
+    if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
+        raise CheckpointDamagedError(f"checkpoint step {step_dir.name} is damaged: its metadata lists no parameters")
     stored = {k: tuple(v.shape) for k, v in flatten(dict(tree)["params"]).items()}
     abstract = nn.meta.unbox(abstract_boxed_params(cfg))
     check_shapes(stored, {k: tuple(v.shape) for k, v in flatten(abstract).items()}, str(state_dir))
@@ -319,33 +319,54 @@ def verify_file_digests(prefix: str | os.PathLike, step: int, trusted_without: b
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of the innermost cause: Orbax wraps TensorStore's error (which names the damaged key) in a
+    generic ``Exception`` whose own text is a bound-method repr."""
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
+def _stored_tree(state_dir: Path) -> Any:
+    """The metadata tree of a saved state. Orbax logs (absl WARNING) and returns None for metadata it cannot read
+    (a damaged OCDBT manifest or b-tree node, a damaged ``_METADATA``) rather than raising: that is damage too."""
+    _quiet_abandoned_reads()
+    name = state_dir.parent.name
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
+        raise CheckpointDamagedError(f"checkpoint step {name} is damaged: metadata unreadable ({_first_line(e)})") from e
+    item = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+    tree = getattr(item, "tree", None)
+    if tree is None:
+        raise CheckpointDamagedError(f"checkpoint step {name} is damaged: metadata unreadable (no array metadata in {state_dir})")
+    return tree
+
+
 def stored_leaf_shapes(state_dir: str | os.PathLike) -> list[tuple[int, ...]]:
     """Shapes of every array a saved state holds, from its metadata (CheckpointDamagedError if unreadable)."""
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(Path(state_dir))
-    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
-        raise CheckpointDamagedError(
-            f"checkpoint step {Path(state_dir).parent.name} is damaged: metadata unreadable ({_first_line(e)})"
-        ) from e
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    tree = _stored_tree(Path(state_dir))
     return [tuple(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))]
 
 
 def _quiet_abandoned_reads() -> None:
-    """When one TensorStore read fails, Orbax closes its event loop while sibling reads are in flight; each of those
-    then prints a "RuntimeError: Event loop is closed" traceback through sys.unraisablehook. Drop exactly those, so
-    the damage is reported once, by name."""
+    """When one TensorStore read fails, Orbax stops waiting for the sibling reads in flight, and each of those later
+    prints a traceback through sys.unraisablehook, after the damage was already reported: "RuntimeError: Event loop
+    is closed" (TensorStore's callback into the closed loop), or "Exception ignored in: <coroutine ...
+    _read_array_index_and_device_put>" (the abandoned read coroutine, finalized by the garbage collector, turns the
+    GeneratorExit thrown into it into "Encountered error while reading array index ..." with a TensorStore spec).
+    Drop exactly those, so the damage is reported once, by name."""
     prev = sys.unraisablehook
     if getattr(prev, "dss_quiet", False):
         return
 
     def hook(u: Any) -> None:
-        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+        exc = u.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
             return
+        why = getattr(exc, "__cause__", None) or getattr(exc, "__context__", None)
+        if inspect.iscoroutine(u.object) and isinstance(why, (GeneratorExit, asyncio.CancelledError)):
+            return  # a coroutine closed unfinished, re-raising its GeneratorExit/cancellation as another error
         prev(u)
 
     hook.dss_quiet = True  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ written; a model dir from elsewhere is read as data (its config.gin never runs);
 for DSS stops with one line saying what to do."""
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -182,6 +183,62 @@ def test_dss_eval_rejects_overrides_it_never_reads(trained):
     (line,) = _error_lines(r.stderr, "dss-eval")
     assert "model.T5Config.dropout_rate (on the command line" in line and "pipeline.SeqioData.method (on the command line" in line
     assert not list(model_dir.glob("eval/*_metrics.json"))
+
+
+@pytest.mark.slow
+def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp_path):
+    """dss-eval reads the vocabulary (spiece.model) and the data spec from the model dir: rewriting the training
+    JSONL afterwards (other rows, other words: a vocabulary rebuilt from it tokenizes the same text differently)
+    changes neither predictions nor metrics. Before (issue 11): the vocabulary was rebuilt from the training data
+    named in config.gin, and the model was fed ids it never saw."""
+    import sentencepiece as spm
+
+    from dss_jax.tasks import vocab
+
+    train = write_toy_jsonl(tmp_path / "train.jsonl", n=200, seed=0)
+    val = write_toy_jsonl(tmp_path / "validation.jsonl", n=24, seed=1)
+    test = write_toy_jsonl(tmp_path / "test.jsonl", n=24, seed=2)
+    model_dir = tmp_path / "m"
+    cmd = train_cmd(
+        model_dir,
+        train,
+        "--gin.TRAIN_STEPS=60",
+        "--gin.train.train.eval_every=60",
+        "--gin.train.train.checkpoint_every=60",
+        "--gin.train.train.log_every=20",
+        "--gin.train.train.evaluate_test=False",
+        "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3",
+        f"--gin.pipeline.SeqioData.user_validation_file='{val}'",
+        f"--gin.pipeline.SeqioData.user_test_file='{test}'",
+    )
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = model_dir / "eval"
+
+    def evaluate() -> tuple[str, dict]:
+        shutil.rmtree(out, ignore_errors=True)
+        r = _cli("dss_jax.evaluate", f"--model_dir={model_dir}", "--rationales")
+        assert r.returncode == 0, r.stderr[-3000:]
+        return (out / "validation_60_predictions.jsonl").read_text(), json.loads((out / "validation_60_metrics.json").read_text())
+
+    preds, metrics = evaluate()
+    assert metrics["examples"] == 24 and len(preds.splitlines()) == 24
+    rng = random.Random(7)
+    other = "zebra yak walrus vole urchin tapir seal raven quail otter".split()
+    with open(train, "w") as f:  # the same file name, other rows and words
+        for _ in range(150):
+            words = [rng.choice(other) for _ in range(rng.randint(2, 9))]
+            row = {"input": " ".join(words), "label": words[-1], "rationale": f"the last word is {words[-1]}"}
+            f.write(json.dumps({**row, "llm_label": words[-1]}) + "\n")
+    # the premise: a vocabulary rebuilt from the rewritten file gives the validation inputs other ids
+    rebuilt = spm.SentencePieceProcessor(
+        model_file=str(vocab.train_sentencepiece(vocab.benchmark_texts(str(train)), 200, tmp_path / "rebuilt.model"))
+    )
+    saved = spm.SentencePieceProcessor(model_file=str(model_dir / "spiece.model"))
+    inputs = [json.loads(x)["input"] for x in val.read_text().splitlines()]
+    assert [saved.encode(t) for t in inputs] != [rebuilt.encode(t) for t in inputs]
+
+    assert evaluate() == (preds, metrics)
 
 
 # --- users' data -------------------------------------------------------------------------------------------------
