@@ -39,9 +39,10 @@ def _torch_step(model, enc_l, lab, enc_r, rat, alpha):
     loss = alpha * model(**batch(enc_l, lab)).loss + (1 - alpha) * model(**batch(enc_r, rat)).loss
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    clipped = {k: v.grad.detach().numpy().copy() for k, v in model.named_parameters()}
     opt.step()
     update = {k: (v.detach() - before[k]).numpy() for k, v in model.named_parameters()}
-    return float(loss.detach()), float(norm), update
+    return float(loss.detach()), float(norm), update, clipped
 
 
 def _jax_step(params, cfg, enc_l, lab, enc_r, rat, alpha):
@@ -87,10 +88,16 @@ def test_one_dss_step_equals_the_papers_pytorch_step(alpha):
     lab, rat = _rows(rng, 4, 4, 100), _rows(rng, 4, 11, 100)
 
     j_loss, j_norm, j_upd = _jax_step(params, cfg, enc_l, lab, enc_r, rat, alpha)
-    t_loss, t_norm, t_upd = _torch_step(model, enc_l, lab, enc_r, rat, alpha)
+    t_loss, t_norm, t_upd, t_grad = _torch_step(model, enc_l, lab, enc_r, rat, alpha)
     assert abs(j_loss - t_loss) / t_loss <= 1e-4, (j_loss, t_loss)
     assert abs(j_norm - t_norm) / t_norm <= 1e-4, (j_norm, t_norm)
     assert t_norm > 1.0  # the clip was active: the comparison covers it
-    worst = max(float(np.max(np.abs(j_upd[k] - t_upd[k]))) for k in t_upd if k in j_upd)
+    # AdamW's first update is -lr * g / (|g| + eps): where the clipped gradient is near eps (1e-8) it turns float32
+    # noise in g into a visible share of lr, so it is compared where |g| > 100 eps (and bounded by lr elsewhere)
+    shared = [k for k in t_upd if k in j_upd]
+    resolved = {k: np.abs(t_grad[k]) > 1e-6 for k in shared}
+    assert sum(int(m.sum()) for m in resolved.values()) >= 0.9 * sum(m.size for m in resolved.values())
+    worst = max(float(np.max(np.abs(j_upd[k] - t_upd[k])[resolved[k]], initial=0.0)) for k in shared)
     assert worst <= 1e-2 * LR, worst
+    assert max(float(np.max(np.abs(j_upd[k]))) for k in shared) <= LR * (1 + 1e-2)  # (the difference of two float32s)
     assert set(t_upd) - set(j_upd) <= {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
