@@ -133,7 +133,8 @@ def test_every_cqa_and_svamp_task_and_mixture_iterates_through_the_feature_conve
     assert len(names) == 2 * 11
     for name in names:
         for pack in (True, False):
-            ds = pipeline.get_dataset(name, "train", 128, 64, 4, pack=pack, shuffle=True, seed=0, num_epochs=None)
+            # validation: the same preprocessors and converter as train, without filling a training shuffle buffer
+            ds = pipeline.get_dataset(name, "validation", 128, 64, 4, pack=pack, shuffle=True, seed=0, num_epochs=None)
             b = next(iter(ds))
             assert b["encoder_input_tokens"].shape == (4, 128) and b["decoder_task_ids"].shape == (4, 64)
             tids = set(np.unique(b["decoder_task_ids"].numpy())) - {0}

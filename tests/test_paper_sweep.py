@@ -67,6 +67,8 @@ def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
         "--gin.train.train.checkpoint_every=4",
         "--gin.train.train.report_train_examples=16",
         "--gin.pipeline.SeqioData.max_eval_examples=16",
+        "--gin.pipeline.SeqioData.inputs_length=64",  # short rows: every split is decoded in full at the end
+        "--gin.pipeline.SeqioData.targets_length=16",
         "--gin.optim.learning_rate_schedule.warmup_steps=0",
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)

@@ -99,6 +99,7 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
         "--gin.train.train.report_train_examples=64",
         "--gin.pipeline.SeqioData.max_eval_examples=64",
         "--gin.pipeline.SeqioData.rank_classification=True",
+        "--gin.pipeline.SeqioData.targets_length=16",  # CQA's labels fit; the final table decodes two whole splits
     ]
     r = subprocess.run(train, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -202,10 +202,10 @@ def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp
     cmd = train_cmd(
         model_dir,
         train,
-        "--gin.TRAIN_STEPS=60",
-        "--gin.train.train.eval_every=60",
-        "--gin.train.train.checkpoint_every=60",
-        "--gin.train.train.log_every=20",
+        "--gin.TRAIN_STEPS=20",
+        "--gin.train.train.eval_every=20",
+        "--gin.train.train.checkpoint_every=20",
+        "--gin.train.train.log_every=10",
         "--gin.train.train.evaluate_test=False",
         "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3",
         f"--gin.pipeline.SeqioData.user_validation_file='{val}'",
@@ -219,7 +219,7 @@ def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp
         shutil.rmtree(out, ignore_errors=True)
         r = _cli("dss_jax.evaluate", f"--model_dir={model_dir}", "--rationales")
         assert r.returncode == 0, r.stderr[-3000:]
-        return (out / "validation_60_predictions.jsonl").read_text(), json.loads((out / "validation_60_metrics.json").read_text())
+        return (out / "validation_20_predictions.jsonl").read_text(), json.loads((out / "validation_20_metrics.json").read_text())
 
     preds, metrics = evaluate()
     assert metrics["examples"] == 24 and len(preds.splitlines()) == 24
