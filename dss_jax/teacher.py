@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dss_jax import teacher_prompts
-from dss_jax.tasks import arithmetic, readers
+from dss_jax.tasks import arithmetic, quality, readers
 from dss_jax.tasks.parsers import Parsed
 
 KEY_HEADER = "X-DSS-Teacher-Key"  # sent with each request so server logs can be matched to the store
@@ -393,13 +393,6 @@ def vote_key(benchmark: str | None, label: str) -> str:
     return " ".join(label.split())
 
 
-def label_correct(benchmark: str | None, gold: str, predicted: str) -> bool:
-    """The task's own metric, as dss-data scores the teacher (SVAMP by value, else exact text)."""
-    if benchmark == "svamp":
-        return arithmetic.equations_equal(predicted, gold)
-    return gold.strip() == predicted.strip()
-
-
 def vote(spec: teacher_prompts.PromptSpec, samples: list[dict | None]) -> dict:
     """Parse each sample and take the majority label; a tie goes to the label voted for first (lowest sample)."""
     parsed: list[Parsed | None] = []
@@ -453,7 +446,7 @@ def aggregate(spec: teacher_prompts.PromptSpec, inputs: list[TeacherInput], samp
             unanimous += v["counts"][v["winner"]] == len(ss)
         if x.label is not None:
             graded += 1
-            correct += v["winner"] is not None and label_correct(spec.benchmark, x.label, v["label"])
+            correct += v["winner"] is not None and quality.label_correct(spec.benchmark, x.label, v["label"])
         raw.append(
             {
                 "index": i,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dss_jax.tasks import readers
+from dss_jax.tasks import arithmetic, readers
 
 RATIONALE_FILTERS = ("all", "teacher_correct", "majority_vote")
 
@@ -50,6 +50,13 @@ def _majority_keep(examples: Sequence[readers.Example]) -> list[bool]:
 
 
 MAX_RATIONALES_PER_INPUT = 8
+
+
+def label_correct(benchmark: str | None, gold: str, predicted: str) -> bool:
+    """The task's own metric on one label, as dss-data scores the teacher (SVAMP by value, else exact text)."""
+    if benchmark == "svamp":
+        return arithmetic.equations_equal(predicted, gold)
+    return gold.strip() == predicted.strip()
 
 
 def weight_scale(per_input: int) -> int:

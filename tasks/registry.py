@@ -167,7 +167,6 @@ def select_rationales(
 ) -> tuple[np.ndarray, list[tuple[str, ...]], dict[str, int]]:
     """Which examples' rationales train under ``opts``, their extra rationales, and the counts (``tasks/quality.py``;
     dss-data reports them)."""
-    same = metric_fns_for(benchmark)[0]
 
     def count_tokens(texts: list[str]) -> list[int]:
         return [len(ids) + 1 for ids in vocabulary.tokenizer.encode(texts)] if texts else []  # +1: EOS
@@ -177,7 +176,7 @@ def select_rationales(
         examples,
         opts.rationale_filter,
         opts.max_rationale_tokens,
-        lambda gold, llm: same([gold], [llm])["accuracy"] == 100.0,
+        lambda gold, llm: quality.label_correct(benchmark, gold, llm),
         counter,
     )
     extras, more = quality.extra_rationales(examples, keep, opts.rationales_per_input, opts.max_rationale_tokens, counter)
