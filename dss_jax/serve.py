@@ -482,6 +482,11 @@ def _to_chat(out: dict) -> dict:
     return out
 
 
+def _compiled_programs() -> int:
+    """Decode programs compiled in this process so far (entries of the jitted decode's cache; -1 if unknown)."""
+    return getattr(decoding.decode_rows, "_cache_size", lambda: -1)()
+
+
 def build_app(service: StudentService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, precompile: bool = False) -> Any:
     """The FastAPI app over ``service``; ``precompile`` compiles every decode program before it serves."""
 
@@ -546,7 +551,8 @@ def build_app(service: StudentService, max_body_bytes: int = DEFAULT_MAX_BODY_BY
         s, b = service.batcher.stats, service.batcher
         return {"status": "ok", "model": service.model_name, **dataclasses.asdict(s),
                 "batch_fill": s.batch_fill(b.max_batch), "batch_sizes": list(b.batch_sizes),
-                "decode_lengths": list(b.decode_lengths), "decode_programs": len(b.programs)}  # fmt: skip
+                "decode_lengths": list(b.decode_lengths), "decode_programs": len(b.programs),
+                "compiled_programs": _compiled_programs()}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:
