@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} must be >= 1, got {value}")
     try:
         pred = Predictor(args.model_dir, args.checkpoint, args.batch_size, args.max_decode_length, args.num_beams)
+        fmt = pred.format
+        if args.rationales and not (fmt.get("rationale_prefix") or fmt.get("single_task_separator")):
+            method = fmt.get("method")
+            raise ValueError(
+                f"--rationales: {Path(args.model_dir) / 'inference.json'} says method {method!r}, trained without rationales"
+            )
         items = list(read_inputs(Path(args.input), pred.stats))
     except (FileNotFoundError, ValueError) as e:
         print(f"dss-infer: error: {e}", file=sys.stderr)
