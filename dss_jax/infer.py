@@ -4,7 +4,8 @@
 
 Input: JSON Lines with ``input`` (and optionally ``input_b``, the NLI hypothesis), or plain text, one input
 a line. Output: one JSON line per input. Needs only the model dir (``dss_config.json``, ``spiece.model``,
-``inference.json``, ``checkpoints/``): no TensorFlow, no seqio. :class:`Predictor` is the same path as a
+``inference.json``, ``checkpoints/``; a missing or invalid one is refused in one line naming it, never run
+without its task prefixes): no TensorFlow, no seqio. :class:`Predictor` is the same path as a
 Python API.
 """
 

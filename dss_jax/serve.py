@@ -25,7 +25,9 @@ and ``targets_length`` 128) is printed and compiled at start-up, so no request e
 (``--no_precompile`` compiles each on first use instead). ``/health`` reports it.
 
 Limits: request bodies over ``--max_body_bytes`` get 413 before they are read whole; bad requests get a 4xx
-with an OpenAI-style ``{"error": {...}}`` body and the server keeps serving. It binds to 127.0.0.1 unless told
+with an OpenAI-style ``{"error": {...}}`` body and the server keeps serving; a client that leaves before its
+body arrives costs one log line. A model dir missing ``dss_config.json``, ``spiece.model`` or
+``inference.json`` (or holding an invalid one) is refused at start-up in one line naming the file. It binds to 127.0.0.1 unless told
 otherwise. No TensorFlow or seqio.
 """
 

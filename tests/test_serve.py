@@ -146,7 +146,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, path, body, s
     r = httpx.post(server + path, timeout=60, **kw)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
-    ok = httpx.post(server + "/v1/completions", json={"prompt": "plum apple", "max_tokens": 4, "temperature": 0.7, "seed": 1})
+    ok = httpx.post(
+        server + "/v1/completions", json={"prompt": "plum apple", "max_tokens": 4, "temperature": 0.7, "seed": 1}, timeout=60
+    )
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
