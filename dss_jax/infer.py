@@ -77,7 +77,8 @@ def read_inference_format(model_dir: Path) -> dict[str, Any]:
 class Predictor:
     """Restores a model dir's checkpoint once and decodes batches of raw text inputs.
 
-    The model dir must be complete: ``dss_config.json``, ``spiece.model`` and ``inference.json`` are checked
+    ``rationales``: refuse a model trained without them, rather than answer without them. The model dir must
+    be complete: ``dss_config.json``, ``spiece.model`` and ``inference.json`` are checked
     (before the checkpoint is read) and a missing or invalid one raises :class:`ModelDirError` naming it."""
 
     def __init__(
@@ -89,6 +90,7 @@ class Predictor:
         num_beams: int = 1,
         alpha: float = 0.6,
         tool: str = "dss-infer",
+        rationales: bool = False,
     ):
         import sentencepiece as spm
 
@@ -103,6 +105,11 @@ class Predictor:
         except ValueError as e:
             raise ModelDirError(f"{e}: {RERUN_TRAIN}") from None
         self.format: dict[str, Any] = read_inference_format(model_dir)
+        if rationales and not (self.format.get("rationale_prefix") or self.format.get("single_task_separator")):
+            method = self.format.get("method")
+            raise ModelDirError(
+                f"--rationales: {model_dir / 'inference.json'} says method {method!r}, trained without rationales"
+            )
         spm_file = model_dir / "spiece.model"
         if not spm_file.is_file():
             raise ModelDirError(f"{spm_file} not found (the run's SentencePiece vocabulary): {RERUN_TRAIN}")
@@ -228,13 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
     try:
-        pred = Predictor(args.model_dir, args.checkpoint, args.batch_size, args.max_decode_length, args.num_beams)
-        fmt = pred.format
-        if args.rationales and not (fmt.get("rationale_prefix") or fmt.get("single_task_separator")):
-            method = fmt.get("method")
-            raise ValueError(
-                f"--rationales: {Path(args.model_dir) / 'inference.json'} says method {method!r}, trained without rationales"
-            )
+        pred = Predictor(
+            args.model_dir, args.checkpoint, args.batch_size, args.max_decode_length, args.num_beams, rationales=args.rationales
+        )
         items = list(read_inputs(Path(args.input), pred.stats))
     except (FileNotFoundError, ValueError) as e:
         print(f"dss-infer: error: {e}", file=sys.stderr)

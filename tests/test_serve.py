@@ -366,3 +366,16 @@ def test_decode_rows_per_row_settings_match_uniform_ones_and_greedy():
     assert (mixed[1, 3:] == 0).all()  # max_tokens 3
     alone = rows(ids[1:2], [2], [1.5], [0], [0.9], [3])
     np.testing.assert_array_equal(alone[0], mixed[1])  # its seed alone decides its sample
+
+
+def test_dss_infer_refuses_rationales_from_a_model_trained_without_them(student, tmp_path):
+    import shutil
+
+    d = tmp_path / "no_rationales"
+    shutil.copytree(student, d)
+    fmt = json.loads((d / "inference.json").read_text())
+    (d / "inference.json").write_text(json.dumps({**fmt, "method": "standard", "label_prefix": "", "rationale_prefix": None}))
+    inp = tmp_path / "in.txt"
+    inp.write_text("plum apple\n")
+    line = _one_error_line(_cli("dss_jax.infer", f"--model_dir={d}", f"--input={inp}", "--rationales"), "dss-infer")
+    assert "--rationales" in line and str(d / "inference.json") in line
