@@ -141,16 +141,22 @@ class FakeLLM:
 
 
 @contextlib.contextmanager
-def serving(fake: FakeLLM):
+def serving(fake: FakeLLM, start_after: float = 0.0):
+    """The fake on a loopback port; with ``start_after`` it listens only that many seconds later (refused till then)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(fake.app(), log_config=None, access_log=False, lifespan="off"))
     fake.server = server
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def run() -> None:
+        time.sleep(start_after)
+        server.run(sockets=[sock])
+
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     deadline = time.time() + 20
-    while not server.started:
+    while not server.started and not start_after:
         assert time.time() < deadline and t.is_alive(), "fake endpoint did not start"
         time.sleep(0.01)
     try:
@@ -703,3 +709,42 @@ def test_an_output_written_from_another_store_is_not_overwritten(tmp_path):
         assert len(fake.log) == n_requests and out.read_bytes() == written
         r = _cli(args(url, inp, out, prompt, "--store", str(store_a)), timeout=60)  # the same store: a rerun
         assert r.returncode == 0 and len(fake.log) == n_requests, r.stderr
+
+
+def test_an_endpoint_that_comes_up_late_is_waited_for(tmp_path):
+    """A short outage (connections refused for 1.5 s) is probed through, not given up on."""
+    inp = toy_inputs(tmp_path / "in.jsonl", 6, seed=5)
+    prompt = write_prompt(tmp_path)
+    out = tmp_path / "o" / "out.jsonl"
+    with serving(FakeLLM(), start_after=1.5) as url:
+        argv = args(url, inp, out, prompt, "--concurrency", "4", "--backoff_base", "1", "--backoff_max", "60")
+        assert teacher.main([*argv, "--max_connection_failures", "8"]) == 0
+    s = summary_of(out)
+    assert s["complete"] and s["this_run"]["retried_faults"]["connection"] >= 1, s["this_run"]
+
+
+def test_the_breaker_counts_one_outage_once_whatever_the_concurrency():
+    """Requests in flight when the endpoint goes away fail together: that is one failure, not --concurrency of them;
+    then one request probes at a time, and any answer closes the breaker."""
+
+    async def scenario() -> None:
+        b = teacher.Breaker(limit=3, base=0.0, cap=0.0)
+        in_flight = [object() for _ in range(8)]
+        for r in in_flight:
+            await asyncio.wait_for(b.turn(r), 1)  # closed: everyone may send
+        for r in in_flight:
+            await b.failed(r, "Connection refused")
+        assert b.failures == 1 and b.prober is in_flight[0] and not b.tripped
+        waiting = asyncio.ensure_future(b.turn(in_flight[1]))  # not the probe: waits for the breaker to close
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await b.reached()  # the probe got an answer
+        await asyncio.wait_for(waiting, 1)
+        assert b.failures == 0
+        for _ in range(3):  # the probe fails three times in a row: tripped, and waiters are let go
+            await asyncio.wait_for(b.turn(in_flight[0]), 1)
+            await b.failed(in_flight[0], "Connection refused")
+        assert b.tripped == "Connection refused"
+        await asyncio.wait_for(b.turn(in_flight[5]), 1)
+
+    asyncio.run(scenario())
