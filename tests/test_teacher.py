@@ -712,11 +712,14 @@ def test_an_output_written_from_another_store_is_not_overwritten(tmp_path):
 
 
 def test_an_endpoint_that_comes_up_late_is_waited_for(tmp_path):
-    """A short outage (connections refused for 1.5 s) is probed through, not given up on."""
+    """A short outage (connections refused for the first 3 s) is probed through, not given up on."""
+    import openai  # noqa: F401  (imported now, so the run's first request comes well inside the outage)
+    import tqdm  # noqa: F401
+
     inp = toy_inputs(tmp_path / "in.jsonl", 6, seed=5)
     prompt = write_prompt(tmp_path)
     out = tmp_path / "o" / "out.jsonl"
-    with serving(FakeLLM(), start_after=1.5) as url:
+    with serving(FakeLLM(), start_after=3.0) as url:
         argv = args(url, inp, out, prompt, "--concurrency", "4", "--backoff_base", "1", "--backoff_max", "60")
         assert teacher.main([*argv, "--max_connection_failures", "8"]) == 0
     s = summary_of(out)
