@@ -297,7 +297,7 @@ class Breaker:
                         return
                     try:  # woken early if another request's answer closes the breaker
                         await asyncio.wait_for(self._cond.wait(), delay)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                         pass
                 else:
                     await self._cond.wait()
@@ -754,9 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_connection_failures", type=int, default=5,
                    help="stop the run after this many connection failures in a row (refused, reset, no connection "
                         "within the connect timeout), counted across all requests; any answer resets the count. While "
-                        "the endpoint cannot be reached one request at a time probes it, with the backoff above, so a "
-                        "down endpoint ends the run in about 15 s with the defaults, whatever the number of inputs "
-                        "(default 5)")  # fmt: skip
+                        "the endpoint cannot be reached one request at a time probes it, with the backoff above, so with "
+                        "the defaults an endpoint that refuses connections ends the run within about 15 s (one that "
+                        "never answers them: about 65 s), whatever the number of inputs (default 5)")  # fmt: skip
     g.add_argument("--backoff_base", type=float, default=1.0, help="first backoff in seconds (default 1)")
     g.add_argument("--backoff_max", type=float, default=60.0, help="longest backoff in seconds without Retry-After (default 60)")
     g.add_argument("--max_requests", type=int, default=None, help="stop after this many HTTP requests (retries included)")
@@ -935,14 +935,19 @@ async def _ask_all(args: argparse.Namespace, api_key: str, store: Store, jobs: l
         run.cancel()
 
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        handled = True
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread: Ctrl-C stays KeyboardInterrupt
+        handled = False
     try:
         await run
     except asyncio.CancelledError:
         if not asker.stats.interrupted:
             raise
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        if handled:
+            loop.remove_signal_handler(signal.SIGINT)
         if asker.stats.interrupted or asker.stats.unreachable:
             progress.leave = False  # the one line that follows says where the run stands
         progress.close()
