@@ -55,7 +55,13 @@ def read_config(path: str | os.PathLike) -> T5Config:
     f = Path(path) / CONFIG_FILE
     if not f.exists():
         raise FileNotFoundError(f"{f} not found: not a dss_jax pretrained checkpoint (make one with dss-convert)")
-    return T5Config.from_dict(json.loads(f.read_text()))
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        return T5Config.from_dict(d)
+    except (ValueError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{f} is not a valid model config: {e}") from None
 
 
 def load_pretrained(path: str | os.PathLike, cfg: T5Config | None = None) -> tuple[Params, T5Config, Path | None]:
@@ -101,17 +107,18 @@ def resolve_step_dir(path: str | os.PathLike) -> Path:
     return ckpts / str(best if best is not None else steps[-1])
 
 
-def restore_train_params(step_dir: str | os.PathLike, cfg: T5Config, shardings: Any = None) -> Any:
+def restore_train_params(step_dir: str | os.PathLike, cfg: T5Config, shardings: Any = None, tool: str = "dss-eval") -> Any:
     """The parameters of a trainer checkpoint (optimizer state is not read), placed with ``shardings`` (any
     mesh, not necessarily the training one). A checkpoint of another architecture fails naming the tensor; a
     damaged one (unreadable, or values that differ from its checksums) fails naming the step and the newest
-    intact step beside it, so the user is pointed at a checkpoint that works rather than at a traceback."""
+    intact step beside it, so the user is pointed at a checkpoint that works rather than at a traceback
+    (``tool``: the command the hint names)."""
     try:
         return _restore_train_params(Path(step_dir), cfg, shardings)
     except CheckpointDamagedError as e:
         intact = newest_intact_step_dir(Path(step_dir), cfg)
         hint = (
-            f"; the newest intact checkpoint is {intact} (dss-eval --checkpoint={intact})"
+            f"; the newest intact checkpoint is {intact} ({tool} --checkpoint={intact})"
             if intact
             else "; no other intact checkpoint beside it"
         )

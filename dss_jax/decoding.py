@@ -46,19 +46,24 @@ def _join(cross: dict, rest: dict) -> Any:
     return traverse_util.unflatten_dict({**cross, **rest})
 
 
-def _filter_logits(logits: Array, temperature: float, top_k: int, top_p: float) -> Array:
-    logits = logits / jnp.maximum(temperature, 1e-6)
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
+def _filter_logits(logits: Array, temperature: Any, top_k: Any, top_p: Any) -> Array:
+    """Temperature, then top-k, then top-p (nucleus) filtering of [batch, vocab] logits. Each setting is a
+    scalar or a per-row [batch] array, and may be a traced value: one compiled program serves every setting.
+    top_k 0 and top_p 1 turn their filter off; the most likely token always stays."""
+    t, k, p = (jnp.asarray(x) for x in (temperature, top_k, top_p))
+    t, k, p = (x[:, None] if x.ndim == 1 else x for x in (t, k, p))  # per-row settings broadcast over the vocabulary
+    logits = logits / jnp.maximum(t, 1e-6)
+    vocab = logits.shape[-1]
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # sorted once, descending: rank r is column r
+    kth = jnp.take_along_axis(sorted_logits, jnp.broadcast_to(jnp.clip(k - 1, 0, vocab - 1), logits.shape[:-1] + (1,)), -1)
+    by_k = (k > 0) & (logits < kth)
+    logits = jnp.where(by_k, -jnp.inf, logits)
+    sorted_logits = jnp.where((k > 0) & (sorted_logits < kth), -jnp.inf, sorted_logits)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    cutoff_idx = jnp.clip(jnp.sum(cum < p, axis=-1, keepdims=True), 0, vocab - 1)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+    return jnp.where((p < 1.0) & (logits < cutoff), -jnp.inf, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "sample", "temperature", "top_k", "top_p"))
@@ -113,6 +118,65 @@ def decode(
     tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
     start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)
     state = (jnp.array(0, jnp.int32), cache, tokens, start, jnp.zeros((batch,), bool), rng)
+    return jax.lax.while_loop(cond, body, state)[2]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_length"))
+def decode_rows(
+    params: Any,
+    encoder_input_tokens: Array,
+    config: T5Config,
+    max_decode_length: int,
+    seeds: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+    max_tokens: Array,
+) -> Array:
+    """:func:`decode` with its own sampling settings per row, all traced [batch] arrays, so only the shapes
+    (batch, input length, ``max_decode_length``) compile, never the values. Row r with temperature 0 is greedy;
+    otherwise step i samples with ``fold_in(PRNGKey(seeds[r]), i)``, so a row's tokens do not depend on the rows
+    beside it. Row r stops at its EOS or after ``max_tokens[r]`` tokens; positions after that are 0 (pad)."""
+    model = T5(config)
+    batch = encoder_input_tokens.shape[0]
+    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)
+    cross, cache = _split_cross(_init_cache(model, params, encoded, enc_seg, batch, max_decode_length))
+    keys = jax.vmap(jax.random.PRNGKey)(seeds.astype(jnp.uint32))
+    temperature = temperature.astype(jnp.float32)
+    sampled = temperature > 0
+
+    def cond(state: tuple) -> Array:
+        i, _, _, _, done = state
+        return (i < max_decode_length) & ~jnp.all(done)
+
+    def body(state: tuple) -> tuple:
+        i, cache, tokens, cur, done = state
+        logits, variables = model.apply(
+            {"params": params, "cache": _join(cross, cache)},
+            encoded,
+            enc_seg,
+            cur[:, None],
+            None,
+            jnp.full((batch, 1), i, jnp.int32),
+            decode=True,
+            max_decode_length=max_decode_length,
+            method=T5.decode,
+            mutable=["cache"],
+        )
+        logits = logits[:, 0].astype(jnp.float32)
+        filtered = _filter_logits(logits, jnp.where(sampled, temperature, 1.0), top_k, top_p)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+        drawn = jax.vmap(jax.random.categorical)(step_keys, filtered)
+        nxt = jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1))
+        nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
+        tokens = tokens.at[:, i].set(nxt)
+        done = done | (nxt == config.eos_token_id) | (i + 1 >= max_tokens)
+        return i + 1, _split_cross(variables["cache"])[1], tokens, nxt, done
+
+    tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
+    start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)
+    state = (jnp.array(0, jnp.int32), cache, tokens, start, max_tokens <= 0)
     return jax.lax.while_loop(cond, body, state)[2]
 
 

@@ -55,6 +55,8 @@ def make_data(data: Any = gin.REQUIRED) -> Any:
 def _load_data(model_dir: Path, files: list[str], bindings: list[str], trust_config_gin: bool) -> Any:
     """The run's data from the model dir's data spec (JSON) and vocabulary; its config.gin only when trusted."""
     fmt_file = model_dir / "inference.json"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model dir (pass the --model_dir a dss-train run wrote)")
     spec = json.loads(fmt_file.read_text()).get("data") if fmt_file.exists() else None
     if spec is None and not trust_config_gin:
         raise FileNotFoundError(

@@ -4,7 +4,8 @@
 
 Input: JSON Lines with ``input`` (and optionally ``input_b``, the NLI hypothesis), or plain text, one input
 a line. Output: one JSON line per input. Needs only the model dir (``dss_config.json``, ``spiece.model``,
-``inference.json``, ``checkpoints/``): no TensorFlow, no seqio. :class:`Predictor` is the same path as a
+``inference.json``, ``checkpoints/``; a missing or invalid one is refused in one line naming it, never run
+without its task prefixes): no TensorFlow, no seqio. :class:`Predictor` is the same path as a
 Python API.
 """
 
@@ -33,8 +34,52 @@ class InferStats:
     invalid_utf8: int = 0
 
 
+RERUN_TRAIN = (
+    "recreate it by rerunning the dss-train command that trained this model dir (it resumes at its last checkpoint "
+    "and writes dss_config.json, spiece.model and inference.json first)"
+)
+
+
+class ModelDirError(ValueError):
+    """A model dir file that is missing or invalid; the message names it and how to recreate it."""
+
+
+def _read_json(f: Path) -> Any:
+    if not f.is_file():
+        raise ModelDirError(f"{f} not found: {RERUN_TRAIN}")
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{f} is not valid JSON ({e}): {RERUN_TRAIN}") from None
+
+
+def read_inference_format(model_dir: Path) -> dict[str, Any]:
+    """The model dir's ``inference.json`` (task prefixes, lengths), checked field by field: without it the
+    model would be run without the prefixes it was trained on."""
+    f = model_dir / "inference.json"
+    fmt = _read_json(f)
+    if not isinstance(fmt, dict):
+        raise ModelDirError(f"{f} must hold a JSON object, not {type(fmt).__name__}: {RERUN_TRAIN}")
+    for key, kinds in (
+        ("label_prefix", (str,)),
+        ("rationale_prefix", (str, type(None))),
+        ("single_task_separator", (str, type(None))),
+    ):
+        if not isinstance(fmt.get(key), kinds):
+            raise ModelDirError(f"{f}: field '{key}' is missing or not a string: {RERUN_TRAIN}")
+    for key in ("inputs_length", "targets_length"):
+        v = fmt.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ModelDirError(f"{f}: field '{key}' must be a positive integer, got {v!r}: {RERUN_TRAIN}")
+    return fmt
+
+
 class Predictor:
-    """Restores a model dir's checkpoint once and decodes batches of raw text inputs."""
+    """Restores a model dir's checkpoint once and decodes batches of raw text inputs.
+
+    ``rationales``: refuse a model trained without them, rather than answer without them. The model dir must
+    be complete: ``dss_config.json``, ``spiece.model`` and ``inference.json`` are checked
+    (before the checkpoint is read) and a missing or invalid one raises :class:`ModelDirError` naming it."""
 
     def __init__(
         self,
@@ -44,26 +89,44 @@ class Predictor:
         max_decode_length: int | None = None,
         num_beams: int = 1,
         alpha: float = 0.6,
+        tool: str = "dss-infer",
+        rationales: bool = False,
     ):
         import sentencepiece as spm
 
         model_dir = Path(model_dir)
-        self.config: T5Config = checkpoints.read_config(model_dir).replace(dtype="float32")
-        fmt_file = model_dir / "inference.json"
-        self.format: dict[str, Any] = (
-            json.loads(fmt_file.read_text())
-            if fmt_file.exists()
-            else {"label_prefix": "", "inputs_length": 512, "targets_length": 128}
-        )
+        if not model_dir.is_dir():
+            raise ModelDirError(f"{model_dir}: no such model dir (pass the --model_dir a dss-train run wrote)")
+        cfg_file = model_dir / checkpoints.CONFIG_FILE
+        if not cfg_file.is_file():
+            raise ModelDirError(f"{cfg_file} not found: {RERUN_TRAIN}")
+        try:
+            self.config: T5Config = checkpoints.read_config(model_dir).replace(dtype="float32")
+        except ValueError as e:
+            raise ModelDirError(f"{e}: {RERUN_TRAIN}") from None
+        self.format: dict[str, Any] = read_inference_format(model_dir)
+        if rationales and not (self.format.get("rationale_prefix") or self.format.get("single_task_separator")):
+            method = self.format.get("method")
+            raise ModelDirError(
+                f"--rationales: {model_dir / 'inference.json'} says method {method!r}, trained without rationales"
+            )
         spm_file = model_dir / "spiece.model"
-        if not spm_file.exists():
-            raise FileNotFoundError(f"{spm_file} not found: the model dir needs the run's vocabulary")
-        self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
+        if not spm_file.is_file():
+            raise ModelDirError(f"{spm_file} not found (the run's SentencePiece vocabulary): {RERUN_TRAIN}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
+        except Exception as e:  # sentencepiece raises RuntimeError / OSError with a C++ message
+            raise ModelDirError(f"{spm_file} is not a SentencePiece model ({str(e).strip()[:120]}): {RERUN_TRAIN}") from None
+        if self.sp.get_piece_size() > self.config.vocab_size:
+            raise ModelDirError(
+                f"{spm_file} has {self.sp.get_piece_size()} pieces, more than the model's vocab_size "
+                f"{self.config.vocab_size} in {cfg_file}: not this model's vocabulary; {RERUN_TRAIN}"
+            )
         self.step_dir = checkpoints.resolve_step_dir(checkpoint or model_dir)
-        self.params = jax.device_put(checkpoints.restore_train_params(self.step_dir, self.config))
+        self.params = jax.device_put(checkpoints.restore_train_params(self.step_dir, self.config, tool=tool))
         self.batch_size = batch_size
-        self.inputs_length = int(self.format.get("inputs_length", 512))
-        self.max_decode_length = max_decode_length or int(self.format.get("targets_length", 128))
+        self.inputs_length = int(self.format["inputs_length"])
+        self.max_decode_length = max_decode_length or int(self.format["targets_length"])
         self.num_beams, self.alpha = num_beams, alpha
         self.stats = InferStats()
 
@@ -98,7 +161,7 @@ class Predictor:
     def predict(self, inputs: list[str | tuple[str, str]], rationales: bool = False) -> list[dict[str, str]]:
         """Label (and rationale) text for each input (a string, or a (premise, hypothesis) pair)."""
         results: list[dict[str, str]] = [{} for _ in inputs]
-        tasks = [("label", self.format.get("label_prefix", ""))]
+        tasks = [("label", self.format["label_prefix"])]
         if rationales and self.format.get("rationale_prefix"):
             tasks.append(("rationale", self.format["rationale_prefix"]))
         for key, prefix in tasks:
@@ -145,8 +208,15 @@ def read_inputs(path: Path, stats: InferStats) -> Iterator[tuple[int, str | tupl
             yield lineno, (row["input"], row["input_b"]) if row.get("input_b") else row["input"]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): the flag and what is wrong with it."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dss-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(prog="dss-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True)
     p.add_argument("--checkpoint", default=None, help="a checkpoints/<step> dir (default: best, else latest)")
     p.add_argument("--input", required=True, help=".jsonl with 'input' (and 'input_b'), or plain text")
@@ -157,8 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_beams", type=int, default=1, help="1: greedy; >1: beam search")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    for flag, value in (
+        ("--batch_size", args.batch_size),
+        ("--max_decode_length", args.max_decode_length),
+        ("--num_beams", args.num_beams),
+    ):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     try:
-        pred = Predictor(args.model_dir, args.checkpoint, args.batch_size, args.max_decode_length, args.num_beams)
+        pred = Predictor(
+            args.model_dir, args.checkpoint, args.batch_size, args.max_decode_length, args.num_beams, rationales=args.rationales
+        )
         items = list(read_inputs(Path(args.input), pred.stats))
     except (FileNotFoundError, ValueError) as e:
         print(f"dss-infer: error: {e}", file=sys.stderr)
