@@ -497,7 +497,16 @@ def test_end_to_end_a_served_student_teaches_and_its_output_trains(tmp_path, toy
     port = sock.getsockname()[1]
     sock.close()
     serve = subprocess.Popen(
-        [sys.executable, "-m", "dss_jax.serve", f"--model_dir={student}", f"--port={port}", "--max_batch=8", "--max_wait_ms=20"],
+        [
+            sys.executable,
+            "-m",
+            "dss_jax.serve",
+            f"--model_dir={student}",
+            f"--port={port}",
+            "--max_batch=8",
+            "--max_wait_ms=20",
+            "--no_precompile",
+        ],
         env=xla_env(1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
