@@ -296,7 +296,9 @@ def attention(
             def step(carry: tuple, xs: tuple) -> tuple:
                 if vis is None:
                     return compute(carry, xs), None
-                return jax.lax.cond(xs[-1], compute, lambda c, _: c, carry, xs[:-1]), None
+                # the skipped branch must not write the computed branch's residuals (zeros the size of the
+                # block's scores, each step): checkpointed, the block's residuals are only its inputs
+                return jax.lax.cond(xs[-1], jax.checkpoint(compute), lambda c, _: c, carry, xs[:-1]), None
 
             init = (
                 jnp.full((bb, hkv, g * bq), -jnp.inf, jnp.float32),
