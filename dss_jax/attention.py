@@ -199,7 +199,7 @@ def static_ranges(bias: Bias, lq: int, nq: int, bq: int, nk: int, bk: int) -> li
     return out
 
 
-SKIPS = ("rows", "batch", "none")
+SKIPS = ("auto", "rows", "batch", "none")
 
 
 def attention(
@@ -220,7 +220,7 @@ def attention(
     scale: float = 1.0,
     softcap: float | None = None,
     return_lse: bool = False,
-    skip: str = "rows",
+    skip: str = "auto",
 ) -> Array | tuple[Array, Array]:
     """softmax(softcap(scale * q k^T) + bias + mask) v, block by block, visiting only blocks a query can see.
 
@@ -231,8 +231,9 @@ def attention(
 
     ``skip`` drops, at run time, key blocks that no query of a query block can see (other segments, padding,
     beyond the causal or window limits by position): "rows" decides per row (rows loop one at a time),
-    "batch" per block pair across the whole batch, "none" computes every pair in range. Queries that see no key
-    return 0 (they are padding).
+    "batch" per block pair across the whole batch, "none" computes every pair in range; "auto" is "rows" with
+    several query blocks (training, encoding: packed rows differ) and "batch" with one (a decode step: the
+    cache's unwritten blocks are the same in every row). Queries that see no key return 0 (they are padding).
 
     Returns [b, lq, hq, d] in v's dtype, and with ``return_lse`` also the float32 log-sum-exp of each query's
     logits [b, lq, hq] (see ``merge``).
@@ -266,6 +267,8 @@ def attention(
     q, q_pos, q_seg = _pad(q, 1, nq * bq), _pad(q_pos, 1, nq * bq), _pad(q_seg, 1, nq * bq)
     k, v, k_pos, k_seg = _pad(k, 1, nk * bk), _pad(v, 1, nk * bk), _pad(k_pos, 1, nk * bk), _pad(k_seg, 1, nk * bk)
     ranges = static_ranges(bias, lq, nq, bq, nk, bk) if aranged else [(0, nk - 1)] * nq
+    if skip == "auto":
+        skip = "rows" if nq > 1 else "batch"
     pairs = None if skip == "none" else block_pairs(bias, q_pos, k_pos, q_seg, k_seg, bq, bk)  # [b, nq, nk]
 
     def blocks(x: Array, n: int, size: int) -> Array:  # [b, n*size, ...] -> [n, b, size, ...]
