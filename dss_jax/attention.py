@@ -149,6 +149,59 @@ def _pad(x: Array, axis: int, size: int, value: int = 0) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _block_extent(pos: Array, seg: Array, n: int, size: int) -> tuple[Array, ...]:
+    """Per block [b, n]: lowest and highest real (non-padding) segment id and position; empty blocks get a
+    lowest above every highest, so every overlap test with them fails."""
+    seg = seg.reshape(seg.shape[0], n, size)
+    pos = jnp.broadcast_to(pos, (seg.shape[0], n * size)).reshape(seg.shape)
+    real = seg > 0
+    big = jnp.int32(2**30)
+    return (
+        jnp.min(jnp.where(real, seg, big), -1),
+        jnp.max(jnp.where(real, seg, -big), -1),
+        jnp.min(jnp.where(real, pos, big), -1),
+        jnp.max(jnp.where(real, pos, -big), -1),
+    )
+
+
+def block_pairs(bias: Bias, q_pos: Array, k_pos: Array, q_seg: Array, k_seg: Array, q_block: int, k_block: int) -> Array:
+    """Boolean [b, nq, nk]: may any query of query block i see any key of key block j in that row?
+
+    Tests the blocks' segment-id ranges for overlap (exact for packed rows, whose segments are contiguous and
+    increasing; a superset otherwise) and their position ranges against the causal and window limits.
+    Lengths must be whole blocks.
+    """
+    nq, nk = q_seg.shape[1] // q_block, k_seg.shape[1] // k_block
+    qs0, qs1, qp0, qp1 = (x[:, :, None] for x in _block_extent(q_pos, q_seg, nq, q_block))
+    ks0, ks1, kp0, kp1 = (x[:, None, :] for x in _block_extent(k_pos, k_seg, nk, k_block))
+    ok = (qs0 <= ks1) & (ks0 <= qs1)
+    if bias.causal:
+        ok = ok & (kp0 <= qp1)
+    if bias.window is not None:
+        back, ahead = bias.window
+        ok = ok & (qp1 - kp0 >= -ahead) & (qp0 - kp1 <= back)
+    return ok
+
+
+def static_ranges(bias: Bias, lq: int, nq: int, bq: int, nk: int, bk: int) -> list[tuple[int, int]]:
+    """For positions 0..len-1 in every row: per query block, the first and last key block the causal and window
+    limits let any of its queries see (first > last: none)."""
+    back = bias.window[0] if bias.window is not None else None
+    ahead = bias.window[1] if bias.window is not None else None
+    if bias.causal:
+        ahead = 0 if ahead is None else min(ahead, 0)
+    out = []
+    for i in range(nq):
+        first, last = i * bq, min((i + 1) * bq, lq) - 1
+        lo = 0 if back is None else max(0, (first - back) // bk)
+        hi = nk - 1 if ahead is None else min(nk - 1, (last + ahead) // bk)
+        out.append((lo, hi))
+    return out
+
+
+SKIPS = ("auto", "rows", "batch", "none")
+
+
 def attention(
     q: Array,
     k: Array,
@@ -167,14 +220,26 @@ def attention(
     scale: float = 1.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    skip: str = "auto",
 ) -> Array | tuple[Array, Array]:
-    """softmax(softcap(scale * q k^T) + bias + mask) v, block by block.
+    """softmax(softcap(scale * q k^T) + bias + mask) v, block by block, visiting only blocks a query can see.
 
     q [b, lq, hq, d]; k, v [b, lk, hkv, d] with hq a multiple of hkv (query head i reads kv head i // (hq/hkv)).
-    ``table`` [hq, buckets] is T5's relative-position table or None. Positions are [b or 1, len] (None: arange),
-    segment ids [b, len] (0: padding). Returns [b, lq, hq, d] in v's dtype, and with ``return_lse`` also the
-    float32 log-sum-exp of each query's logits [b, lq, hq] (see ``merge``).
+    ``table`` [hq, buckets] is T5's relative-position table or None. Positions are [b or 1, len]; None means
+    0..len-1 in every row, which lets each query block visit only the key blocks the causal and window limits
+    allow (a static range: no work, no memory for the rest). Segment ids [b, len] (0: padding).
+
+    ``skip`` drops, at run time, key blocks that no query of a query block can see (other segments, padding,
+    beyond the causal or window limits by position): "rows" decides per row (rows loop one at a time),
+    "batch" per block pair across the whole batch, "none" computes every pair in range; "auto" is "rows" with
+    several query blocks (training, encoding: packed rows differ) and "batch" with one (a decode step: the
+    cache's unwritten blocks are the same in every row). Queries that see no key return 0 (they are padding).
+
+    Returns [b, lq, hq, d] in v's dtype, and with ``return_lse`` also the float32 log-sum-exp of each query's
+    logits [b, lq, hq] (see ``merge``).
     """
+    if skip not in SKIPS:
+        raise ValueError(f"attention: skip={skip!r}; expected one of {SKIPS}")
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     if hq % hkv:
@@ -183,6 +248,7 @@ def attention(
     q = q.reshape(b, lq, hkv, g, d)
     bq, bk = min(q_block, lq), min(k_block, lk)
     nq, nk = -(-lq // bq), -(-lk // bk)
+    aranged = q_pos is None and k_pos is None
     q_pos = jnp.arange(lq, dtype=jnp.int32)[None] if q_pos is None else q_pos
     k_pos = jnp.arange(lk, dtype=jnp.int32)[None] if k_pos is None else k_pos
     q_pos = jnp.broadcast_to(q_pos, (q_pos.shape[0], lq))
@@ -200,43 +266,106 @@ def attention(
     # pad to whole blocks: padded keys get segment 0 (never visible), padded queries are sliced off
     q, q_pos, q_seg = _pad(q, 1, nq * bq), _pad(q_pos, 1, nq * bq), _pad(q_seg, 1, nq * bq)
     k, v, k_pos, k_seg = _pad(k, 1, nk * bk), _pad(v, 1, nk * bk), _pad(k_pos, 1, nk * bk), _pad(k_seg, 1, nk * bk)
+    ranges = static_ranges(bias, lq, nq, bq, nk, bk) if aranged else [(0, nk - 1)] * nq
+    if skip == "auto":
+        skip = "rows" if nq > 1 else "batch"
+    pairs = None if skip == "none" else block_pairs(bias, q_pos, k_pos, q_seg, k_seg, bq, bk)  # [b, nq, nk]
 
     def blocks(x: Array, n: int, size: int) -> Array:  # [b, n*size, ...] -> [n, b, size, ...]
         return jnp.moveaxis(x.reshape((x.shape[0], n, size) + x.shape[2:]), 1, 0)
 
-    kb, vb = blocks(k, nk, bk), blocks(v, nk, bk)
-    kposb, ksegb = blocks(k_pos, nk, bk), blocks(k_seg, nk, bk)
+    def run(rng: Array | None, q, q_pos, q_seg, k, v, k_pos, k_seg, visit: Array | None) -> tuple[Array, Array]:
+        """All query blocks of rows [bb, ...]; ``visit`` [nq, nk] says which block pairs to compute."""
+        bb = q.shape[0]
+        kb, vb = blocks(k, nk, bk), blocks(v, nk, bk)
+        kposb, ksegb = blocks(k_pos, nk, bk), blocks(k_seg, nk, bk)
+        qb, qposb, qsegb = blocks(q, nq, bq), blocks(q_pos, nq, bq), blocks(q_seg, nq, bq)
 
-    @jax.checkpoint
-    def one_query_block(qi: Array, qb: Array, qpos: Array, qseg: Array, tab: Array | None) -> tuple[Array, Array]:
-        def step(carry: tuple, xs: tuple) -> tuple:
-            m, denom, acc = carry
-            kj, kblk, vblk, kpos, kseg = xs
-            s = _scores(qb, kblk, scale, softcap)
-            s = s + _grouped_bias(block_bias(tab, bias, qpos, kpos, qseg, kseg), hkv, g)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)
-            denom = denom * corr + jnp.sum(p, axis=-1)
-            p = _dropout(p, dropout_rng, dropout_rate, qi * nk + kj)
-            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
-            return (m_new, denom, acc * corr[..., None] + pv), None
+        @jax.checkpoint
+        def one_query_block(qi, qb, qpos, qseg, kj, kb, vb, kposb, ksegb, vis, tab) -> tuple[Array, Array]:
+            def compute(carry: tuple, xs: tuple) -> tuple:
+                m, denom, acc = carry
+                kj, kblk, vblk, kpos, kseg = xs
+                s = _scores(qb, kblk, scale, softcap)
+                s = s + _grouped_bias(block_bias(tab, bias, qpos, kpos, qseg, kseg), hkv, g)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                p = jnp.exp(s - m_new[..., None])
+                corr = jnp.exp(m - m_new)
+                denom = denom * corr + jnp.sum(p, axis=-1)
+                p = _dropout(p, rng, dropout_rate, qi * nk + kj)
+                pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
+                return m_new, denom, acc * corr[..., None] + pv
 
-        init = (
-            jnp.full((b, hkv, g * bq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, hkv, g * bq), jnp.float32),
-            jnp.zeros((b, hkv, g * bq, d), jnp.float32),
-        )
-        (m, denom, acc), _ = jax.lax.scan(step, init, (jnp.arange(nk), kb, vb, kposb, ksegb))
-        out = jnp.moveaxis(acc / denom[..., None], 1, 2) if g == 1 else _ungroup(acc / denom[..., None], g)
-        return out, _ungroup(m + jnp.log(denom), g)  # [b, bq, hq, d], [b, bq, hq]
+            def step(carry: tuple, xs: tuple) -> tuple:
+                if vis is None:
+                    return compute(carry, xs), None
+                # the skipped branch must not write the computed branch's residuals (zeros the size of the
+                # block's scores, each step): checkpointed, the block's residuals are only its inputs
+                return jax.lax.cond(xs[-1], jax.checkpoint(compute), lambda c, _: c, carry, xs[:-1]), None
 
-    qb, qposb, qsegb = blocks(q, nq, bq), blocks(q_pos, nq, bq), blocks(q_seg, nq, bq)
-    out, lse = jax.lax.map(lambda xs: one_query_block(xs[0], xs[1], xs[2], xs[3], table), (jnp.arange(nq), qb, qposb, qsegb))
-    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, hq, d)[:, :lq].astype(v.dtype)
-    if not return_lse:
-        return out
-    return out, jnp.moveaxis(lse, 0, 1).reshape(b, nq * bq, hq)[:, :lq]
+            init = (
+                jnp.full((bb, hkv, g * bq), -jnp.inf, jnp.float32),
+                jnp.zeros((bb, hkv, g * bq), jnp.float32),
+                jnp.zeros((bb, hkv, g * bq, d), jnp.float32),
+            )
+            xs = (kj, kb, vb, kposb, ksegb) + (() if vis is None else (vis,))
+            (m, denom, acc), _ = jax.lax.scan(step, init, xs)
+            if vis is None:  # every row saw a key block, so denom > 0
+                out, lse = acc / denom[..., None], m + jnp.log(denom)
+            else:  # queries that saw nothing (padding) give 0 and a log-sum-exp of NEG_INF
+                seen = denom > 0
+                safe = jnp.where(seen, denom, 1.0)
+                out, lse = acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), NEG_INF)
+            out = jnp.moveaxis(out, 1, 2) if g == 1 else _ungroup(out, g)
+            return out, _ungroup(lse, g)  # [bb, bq, hq, d], [bb, bq, hq]
+
+        outs: list = [None] * nq
+        widths = sorted({hi - lo + 1 for lo, hi in ranges})
+        for width in widths:
+            idx = [i for i, (lo, hi) in enumerate(ranges) if hi - lo + 1 == width]
+            if width <= 0:  # no key block in range: nothing visible
+                empty = (jnp.zeros((bb, bq, hq, d), jnp.float32), jnp.full((bb, bq, hq), NEG_INF, jnp.float32))
+                outs = [empty if i in idx else o for i, o in enumerate(outs)]
+                continue
+
+            def one(xs: tuple, width: int = width) -> tuple[Array, Array]:
+                qi, lo, qb, qpos, qseg = xs
+                keys = (jnp.arange(nk), kb, vb, kposb, ksegb)
+                vis = None if visit is None else visit[qi]
+                if width < nk:
+                    keys = tuple(jax.lax.dynamic_slice_in_dim(x, lo, width) for x in keys)
+                    vis = None if vis is None else jax.lax.dynamic_slice_in_dim(vis, lo, width)
+                return one_query_block(qi, qb, qpos, qseg, *keys, vis, table)
+
+            los = jnp.asarray([ranges[i][0] for i in idx], jnp.int32)
+            if len(idx) == nq:  # every query block alike (the T5 case): map over them in order
+                res = jax.lax.map(one, (jnp.arange(nq), los, qb, qposb, qsegb))
+                break
+            take = jnp.asarray(idx, jnp.int32)
+            res = jax.lax.map(one, (take, los, qb[take], qposb[take], qsegb[take]))
+            for n, i in enumerate(idx):
+                outs[i] = (res[0][n], res[1][n])
+        else:
+            res = (jnp.stack([o for o, _ in outs]), jnp.stack([x for _, x in outs]))
+        out, lse = res
+        out = jnp.moveaxis(out, 0, 1).reshape(bb, nq * bq, hq, d)
+        return out, jnp.moveaxis(lse, 0, 1).reshape(bb, nq * bq, hq)
+
+    if skip == "rows":
+        pos_q, pos_k = jnp.broadcast_to(q_pos, (b, nq * bq)), jnp.broadcast_to(k_pos, (b, nk * bk))
+
+        def row(xs: tuple) -> tuple[Array, Array]:
+            r, *rest, visit = xs
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, r)
+            out, lse = run(rng, *(x[None] for x in rest), visit)
+            return out[0], lse[0]
+
+        out, lse = jax.lax.map(row, (jnp.arange(b), q, pos_q, q_seg, k, v, pos_k, k_seg, pairs))
+    else:
+        visit = None if pairs is None else jnp.any(pairs, axis=0)
+        out, lse = run(dropout_rng, q, q_pos, q_seg, k, v, k_pos, k_seg, visit)
+    out = out[:, :lq].astype(v.dtype)
+    return (out, lse[:, :lq]) if return_lse else out
 
 
 def merge(parts: list[tuple[Array, Array]]) -> tuple[Array, Array]:

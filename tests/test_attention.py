@@ -210,6 +210,76 @@ def test_merging_two_attentions_by_lse_equals_one_attention_over_all_keys(blocks
     _assert_forward_and_grads_equal(merged, one, (q, ks, vs, kc, vc), jnp.ones((b, lq, 1, 1), bool))
 
 
+@pytest.mark.parametrize("skip", ["batch", "none"])
+@pytest.mark.parametrize("name", ["packed_causal_window", "causal", "encoder_packed"])
+def test_every_skip_mode_equals_dense(name, skip):
+    """The default ("rows") runs in every test above; the other run-time skips give the same function."""
+    c = {**CASES, **VARIANTS}[name]
+    rng = np.random.default_rng(4)
+    b, hq, d, n = 3, 4, 8, 37
+    hkv = c.get("hkv", hq)
+    q = jnp.asarray(rng.normal(size=(b, n, hq, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, n, hkv, d)), jnp.float32) for _ in range(2))
+    table = jnp.asarray(rng.normal(size=(hq, 16)), jnp.float32) if c.get("table") else None
+    bias = attn.Bias(not c.get("causal", False), 16, 20, c.get("causal", False), c.get("window"))
+    seg = packed_segments(rng, b, n) if c.get("packed") else jnp.ones((b, n), jnp.int32)
+    pos = segment_positions(seg)
+
+    def ours(q, k, v):
+        return attn.attention(q, k, v, table, bias, pos, pos, seg, seg, q_block=8, k_block=8, skip=skip)
+
+    def ref(q, k, v):
+        return dense_reference(q, k, v, table, bias, pos, pos, seg, seg)
+
+    _assert_forward_and_grads_equal(ours, ref, (q, k, v), (seg > 0)[:, :, None, None])
+
+
+def _nan_keys(n, poisoned):
+    """Keys and values of ones, NaN at the ``poisoned`` positions: any block that reads them turns NaN."""
+    k = jnp.ones((2, n, 2, 8), jnp.float32).at[:, poisoned].set(jnp.nan)
+    return k, k
+
+
+@pytest.mark.parametrize("skip", ["rows", "batch", "none"])
+def test_key_blocks_of_other_segments_are_not_computed(skip):
+    """Two packed examples, 16 tokens each, blocks of 8: the first example's query blocks never touch the
+    second's key blocks (poisoned with NaN), forward and backward; without a skip they do."""
+    seg = jnp.asarray(np.repeat([[1, 2]], 16, axis=1).repeat(2, 0), jnp.int32)
+    q = jnp.ones((2, 32, 4, 8), jnp.float32)
+    k, v = _nan_keys(32, slice(16, 32))
+
+    def first_example(q):
+        out = attn.attention(q, k, v, None, attn.Bias(), seg, seg, seg, seg, q_block=8, k_block=8, skip=skip)
+        return jnp.sum(out[:, :16])
+
+    value, grad = jax.value_and_grad(first_example)(q)
+    assert bool(jnp.isfinite(value) & jnp.all(jnp.isfinite(grad[:, :16]))) == (skip != "none")
+
+
+@pytest.mark.parametrize(
+    "bias,first_clean_query,poisoned",
+    [
+        (attn.Bias(False, causal=True), 0, slice(24, 32)),  # later key blocks than the query block
+        (attn.Bias(False, causal=True, window=(3, 0)), 16, slice(0, 8)),  # behind a causal sliding window
+        (attn.Bias(window=(3, 2)), 16, slice(0, 8)),  # outside a bidirectional window
+    ],
+    ids=["causal", "causal_window", "bidirectional_window"],
+)
+def test_key_blocks_out_of_causal_or_window_range_are_not_computed(bias, first_clean_query, poisoned):
+    """Positions None (0..len-1): each query block visits only its static range of key blocks, even with no
+    run-time skip; positions given as arrays, the same blocks are visited (nothing known at trace time)."""
+    seg = jnp.ones((2, 32), jnp.int32)
+    q = jnp.ones((2, 32, 4, 8), jnp.float32)
+    k, v = _nan_keys(32, poisoned)
+    clean = np.arange(32) < 24 if poisoned.start == 24 else np.arange(32) >= first_clean_query
+
+    def outputs(pos):
+        return attn.attention(q, k, v, None, bias, pos, pos, seg, seg, q_block=8, k_block=8, skip="none")
+
+    assert bool(jnp.all(jnp.isfinite(outputs(None)[:, clean])))
+    assert not bool(jnp.all(jnp.isfinite(outputs(jnp.arange(32)[None])[:, clean])))
+
+
 def test_query_heads_must_be_a_multiple_of_kv_heads():
     x, seg = jnp.zeros((1, 4, 3, 8)), jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
