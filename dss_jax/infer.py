@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from dss_jax import checkpoints, decoding
-from dss_jax.model import T5Config
+from dss_jax.model import ModelConfig
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ class Predictor:
         import sentencepiece as spm
 
         model_dir = Path(model_dir)
-        self.config: T5Config = checkpoints.read_config(model_dir).replace(dtype="float32")
+        self.config: ModelConfig = checkpoints.read_config(model_dir).replace(dtype="float32")
         fmt_file = model_dir / "inference.json"
         self.format: dict[str, Any] = (
             json.loads(fmt_file.read_text())

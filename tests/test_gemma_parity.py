@@ -47,6 +47,23 @@ def _randomize(m: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+_BUILT: dict[tuple, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """hf_models(family, seed=0, **top) -> (model, dir): each random model is built and saved once per module."""
+
+    def get(family: str, seed: int = 0, **top):
+        key = (family, seed, tuple(sorted(top.items())))
+        if key not in _BUILT:
+            _BUILT[key] = hf_model(family, tmp_path_factory.mktemp(family), seed, **top)
+        return _BUILT[key]
+
+    yield get
+    _BUILT.clear()
+
+
 def hf_model(family: str, tmp_path, seed: int = 0, **top):
     """A random-weight HF model of ``family``, saved to ``tmp_path/family`` and reloaded from there."""
     if family == "t5gemma":
@@ -59,8 +76,6 @@ def hf_model(family: str, tmp_path, seed: int = 0, **top):
     torch.manual_seed(seed)
     m = cls(cfg).eval()
     _randomize(m, seed)
-    if cfg.tie_word_embeddings:
-        m.tie_weights()
     d = tmp_path / family
     m.save_pretrained(d)
     return cls.from_pretrained(d).eval(), d
@@ -76,6 +91,10 @@ def _inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ids, dec
 
 
+def _apply(cfg, params, ids: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(model.build(cfg).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(dec)))
+
+
 def _hf_logits(m, ids: np.ndarray, dec: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = m(
@@ -87,30 +106,30 @@ def _hf_logits(m, ids: np.ndarray, dec: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", ["t5gemma", "t5gemma2"])
-def test_logits_match_hf(family, tmp_path):
-    hf, d = hf_model(family, tmp_path)
+def test_logits_match_hf(family, hf_models):
+    hf, d = hf_models(family)
     params, cfg = convert.load_hf(d, dtype="float32")
     assert cfg.family == family and cfg.decoder_start_token_id == 2
     ids, dec = _inputs()
-    ours = np.asarray(model.build(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(dec)))
+    ours = _apply(cfg, params, ids, dec)
     np.testing.assert_allclose(ours, _hf_logits(hf, ids, dec), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["t5gemma", "t5gemma2"])
-def test_scanned_layers_match_unscanned(family, tmp_path):
+def test_scanned_layers_match_unscanned(family, hf_models):
     """Mixed sliding/global layers under scan_layers (the type rides in as a scanned flag) give the same logits."""
-    _, d = hf_model(family, tmp_path)
+    _, d = hf_models(family)
     params, cfg = convert.load_hf(d, dtype="float32")
     ids, dec = _inputs(1)
-    a = model.build(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(dec))
-    b = model.build(cfg.replace(scan_layers=True)).apply({"params": stack_layers(params)}, jnp.asarray(ids), jnp.asarray(dec))
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    a = _apply(cfg, params, ids, dec)
+    b = _apply(cfg.replace(scan_layers=True), stack_layers(params), ids, dec)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5gemma", "t5gemma2"])
-def test_greedy_decode_matches_hf_generate(family, tmp_path):
-    hf, d = hf_model(family, tmp_path, seed=1)
+def test_greedy_decode_matches_hf_generate(family, hf_models):
+    hf, d = hf_models(family, seed=1)
     params, cfg = convert.load_hf(d, dtype="float32")
     ids, _ = _inputs(2)
     new = 32
@@ -129,11 +148,11 @@ def test_greedy_decode_matches_hf_generate(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["t5gemma", "t5gemma2"])
-def test_round_trip_is_bitwise(family, tmp_path):
+def test_round_trip_is_bitwise(family, hf_models, tmp_path):
     """hf -> dss -> hf returns every text tensor bitwise (T5Gemma 2's vision tower is dropped, by design)."""
     from safetensors.numpy import load_file
 
-    _, d = hf_model(family, tmp_path)
+    _, d = hf_models(family)
     params, cfg = convert.load_hf(d)
     out = convert.save_hf(params, cfg, tmp_path / "back")
     src, back = load_file(str(d / "model.safetensors")), load_file(str(out / "model.safetensors"))
@@ -146,13 +165,13 @@ def test_round_trip_is_bitwise(family, tmp_path):
     assert convert.config_from_hf(json.loads((out / "config.json").read_text())) == cfg
 
 
-def test_untied_head_round_trip(tmp_path):
+def test_untied_head_logits_match_hf(hf_models):
     """T5Gemma with tie_word_embeddings=False: the separate lm_head maps to decoder/lm_head and back."""
-    hf, d = hf_model("t5gemma", tmp_path, tie_word_embeddings=False)
+    hf, d = hf_models("t5gemma", tie_word_embeddings=False)
     params, cfg = convert.load_hf(d, dtype="float32")
     assert not cfg.tie_word_embeddings and "decoder/lm_head/kernel" in flatten(params)
     ids, dec = _inputs(3)
-    ours = np.asarray(model.build(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(dec)))
+    ours = _apply(cfg, params, ids, dec)
     np.testing.assert_allclose(ours, _hf_logits(hf, ids, dec), atol=1e-4, rtol=1e-4)
 
 
@@ -171,5 +190,5 @@ def test_config_from_dict_picks_the_family():
 def test_jit_static_config_is_hashable():
     cfg = convert.gemma_config_from_hf({"model_type": "t5gemma", "encoder": dict(ENC), "decoder": dict(DEC)})
     hash(cfg)
-    params = model.init_params(cfg.replace(dtype="float32"), jax.random.PRNGKey(0))
+    params = jax.jit(lambda r: model.init_params(cfg.replace(dtype="float32"), r))(jax.random.PRNGKey(0))
     assert "encoder/layers_2/self_attn/q_proj/kernel" in flatten(params)
