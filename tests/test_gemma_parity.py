@@ -187,8 +187,15 @@ def test_config_from_dict_picks_the_family():
         model.config_from_dict({"family": "bert"})
 
 
-def test_jit_static_config_is_hashable():
+def test_config_is_hashable_and_tree_is_hf_shaped():
+    """The config is a static jit argument (hashable); the unscanned tree has HF's layer names and kernel shapes."""
+    from dss_jax.params import expected_shapes
+
     cfg = convert.gemma_config_from_hf({"model_type": "t5gemma", "encoder": dict(ENC), "decoder": dict(DEC)})
     hash(cfg)
-    params = jax.jit(lambda r: model.init_params(cfg.replace(dtype="float32"), r))(jax.random.PRNGKey(0))
-    assert "encoder/layers_2/self_attn/q_proj/kernel" in flatten(params)
+    shapes = expected_shapes(cfg)
+    assert shapes["encoder/layers_2/self_attn/k_proj/kernel"] == (32, 2 * 12)  # GQA: 2 kv heads of 12
+    assert shapes["decoder/layers_1/cross_attn/q_proj/kernel"] == (32, 4 * 12)
+    assert "decoder/layers_1/self_attn/q_norm/scale" not in shapes  # QK-norm is T5Gemma 2's
+    scanned = expected_shapes(cfg.replace(scan_layers=True))
+    assert scanned["encoder/layers/self_attn/q_proj/kernel"] == (3, 32, 48)
