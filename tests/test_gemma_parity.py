@@ -199,3 +199,40 @@ def test_config_is_hashable_and_tree_is_hf_shaped():
     assert "decoder/layers_1/self_attn/q_norm/scale" not in shapes  # QK-norm is T5Gemma 2's
     scanned = expected_shapes(cfg.replace(scan_layers=True))
     assert scanned["encoder/layers/self_attn/q_proj/kernel"] == (3, 32, 48)
+
+
+def test_dss_convert_both_ways_with_tokenizer_files(hf_models, tmp_path, caplog):
+    """dss-convert hf-to-dss / dss-to-hf on a T5Gemma 2 dir: the vision tower is dropped with a notice, the
+    tokenizer files travel both ways (tokenizer.model is the run's spiece.model), and the export loads in HF
+    with the same text weights."""
+    import logging
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from dss_jax import checkpoints
+    from dss_jax.tasks import vocab
+
+    _, d = hf_models("t5gemma2")
+    src = tmp_path / "hf"
+    shutil.copytree(d, src)
+    vocab.train_sentencepiece(["the cat sat on the mat", "a dog ran"] * 30, 40, src / "tokenizer.model", special_ids="gemma")
+    (src / "tokenizer_config.json").write_text('{"add_bos_token": true}\n')
+    with caplog.at_level(logging.WARNING):
+        assert convert.main(["hf-to-dss", str(src), str(tmp_path / "dss")]) == 0
+    assert any("vision tower" in r.getMessage() for r in caplog.records)
+    dss = tmp_path / "dss"
+    assert (dss / "spiece.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    assert (dss / "tokenizer_config.json").exists()
+    assert checkpoints.read_config(dss).family == "t5gemma2"
+    assert convert.main(["dss-to-hf", str(dss), str(tmp_path / "back")]) == 0
+    back = tmp_path / "back"
+    assert (back / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    assert json.loads((back / "generation_config.json").read_text())["decoder_start_token_id"] == 2
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    for k, v in b.items():
+        assert np.array_equal(a[k], v), k
+    reloaded = transformers.T5Gemma2ForConditionalGeneration.from_pretrained(back).eval()
+    ids, dec = _inputs(4)
+    params, cfg = convert.load_hf(back, dtype="float32")
+    np.testing.assert_allclose(_apply(cfg, params, ids, dec), _hf_logits(reloaded, ids, dec), atol=1e-4, rtol=1e-4)
