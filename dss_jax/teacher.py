@@ -19,9 +19,11 @@ output is the project's user JSONL: ``input``, ``label`` (the gold label, else t
 rationale of the winning answer) where several samples agree: ``registry.DataOptions.rationales_per_input`` trains
 on them.
 
-Exit status: 0 complete; 2 bad input or an endpoint that refuses the key/model; 3 incomplete (a budget was
-reached or requests kept failing): the output then holds only the inputs whose samples are all stored, and a
-rerun continues from the store.
+Exit status: 0 complete; 2 bad input, an --output that cannot be written or was written from another store,
+or an endpoint that refuses the key/model; 3 incomplete (a budget was reached, requests kept failing, or the
+endpoint could not be reached --max_connection_failures times in a row, said in one line); 130 interrupted
+(Ctrl-C, one line). When incomplete or interrupted the output holds only the inputs whose samples are all stored,
+and a rerun of the same command continues from the store. Files are written with the umask's permissions.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -48,6 +51,7 @@ from dss_jax.tasks import arithmetic, quality, readers
 from dss_jax.tasks.parsers import Parsed
 
 KEY_HEADER = "X-DSS-Teacher-Key"  # sent with each request so server logs can be matched to the store
+CONNECT_TIMEOUT_S = 10.0  # the longest wait for a connection (--timeout if shorter)
 
 
 class TeacherError(Exception):
@@ -135,8 +139,11 @@ class Store:
         self.path = path
         self.records: dict[str, dict] = {}
         self.torn_bytes = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a+b")  # noqa: SIM115 - held open for the run
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a+b")  # noqa: SIM115 - held open for the run
+        except OSError as e:
+            raise TeacherError(f"--store {path}: cannot open it for appending ({e.strerror or e})") from None
         try:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -167,11 +174,28 @@ class Store:
         self._f.close()
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where it can be: setting it to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, then os.replace: readers see the old file or the new one."""
+    """Temp file in the same directory, fsync, then os.replace: readers see the old file or the new one.
+
+    The file gets the mode ``open()`` would give it (0666 less the umask), not mkstemp's private 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -211,6 +235,8 @@ class RunStats:
     last_error: str = ""
     stopped: str = ""  # why the run stopped early, if it did
     fatal: str = ""  # the endpoint refused the key or the model: no point asking again
+    unreachable: str = ""  # the circuit breaker tripped: the endpoint cannot be reached
+    interrupted: bool = False  # SIGINT (Ctrl-C)
 
 
 class BadResponse(Exception):
@@ -241,6 +267,78 @@ def backoff_delay(attempt: int, retry_after: float | None, base: float, cap: flo
     if retry_after is not None:
         return min(retry_after, 600.0) * random.uniform(1.0, 1.1)
     return min(cap, base * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+class Breaker:
+    """A circuit breaker on connection failures: ``limit`` in a row, across the whole run, stop it.
+
+    Any answer from the endpoint (an HTTP status included) resets the count. After a connection failure the
+    endpoint is probed by one request at a time, each after the next capped exponential backoff, while the other
+    workers wait: an outage costs ``limit`` probes and a bounded wait, whatever the concurrency and the number of
+    inputs. Requests already in flight when the outage was seen fail without counting again.
+    """
+
+    def __init__(self, limit: int, base: float, cap: float):
+        self.limit, self.base, self.cap = limit, base, cap
+        self.failures = 0  # in a row
+        self.prober: object | None = None  # the request probing the endpoint while the breaker is open
+        self.resume_at = 0.0  # monotonic time of the next probe
+        self.tripped = ""  # the last failure's cause, once ``limit`` is reached
+        self._cond = asyncio.Condition()
+
+    async def turn(self, who: object) -> None:
+        """Returns when ``who`` may send: at once while the endpoint answers; else as the one probe, after the backoff."""
+        async with self._cond:
+            while self.failures and not self.tripped:
+                if self.prober is None or self.prober is who:
+                    self.prober = who
+                    delay = self.resume_at - time.monotonic()
+                    if delay <= 0:
+                        return
+                    try:  # woken early if another request's answer closes the breaker
+                        await asyncio.wait_for(self._cond.wait(), delay)
+                    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                        pass
+                else:
+                    await self._cond.wait()
+
+    async def reached(self) -> None:
+        """The endpoint answered: close the breaker."""
+        async with self._cond:
+            if self.failures:
+                self.failures, self.prober = 0, None
+                self._cond.notify_all()
+
+    async def failed(self, who: object, cause: str) -> None:
+        """``who`` could not connect: count it if it was the first failure or the probe, and trip at the limit."""
+        async with self._cond:
+            if self.failures and self.prober is not who:
+                return  # sent before the outage was seen: the same outage, counted already
+            self.failures += 1
+            self.prober = who
+            if self.failures >= self.limit:
+                self.tripped = cause
+            else:
+                self.resume_at = time.monotonic() + backoff_delay(self.failures - 1, None, self.base, self.cap)
+            self._cond.notify_all()
+
+    async def release(self, who: object) -> None:
+        """``who`` gave up its request: another waiting request takes over the probing."""
+        async with self._cond:
+            if self.prober is who:
+                self.prober = None
+                self._cond.notify_all()
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's message ("Connection refused" under openai's "Connection error.")."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    return str(e) or type(e).__name__
 
 
 def _extract(api: str, r: Any) -> dict:
@@ -276,6 +374,14 @@ class Asker:
     def __init__(self, client: Any, args: argparse.Namespace, store: Store, progress: Any):
         self.client, self.args, self.store, self.progress = client, args, store, progress
         self.stats = RunStats()
+        self.breaker = Breaker(args.max_connection_failures, args.backoff_base, args.backoff_max)
+        try:
+            import httpx2 as transport
+        except ImportError:  # pragma: no cover - older openai clients use httpx
+            import httpx as transport
+        # connecting gives up sooner than answering may take: an unreachable host is found in seconds
+        self.timeout = transport.Timeout(args.timeout, connect=min(args.timeout, CONNECT_TIMEOUT_S))
+        self.connect_timeout = transport.ConnectTimeout
 
     def _budget_left(self) -> bool:
         a, s = self.args, self.stats
@@ -293,7 +399,7 @@ class Asker:
             "top_p": s["top_p"],
             "max_tokens": s["max_tokens"],
             "extra_headers": {KEY_HEADER: job.key},
-            "timeout": self.args.timeout,
+            "timeout": self.timeout,
         }
         if s["stop"]:
             kw["stop"] = s["stop"]
@@ -309,8 +415,21 @@ class Asker:
         self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
         self.stats.last_error = message
 
+    def _done(self) -> bool:
+        """Nothing more is to be asked: a fatal answer, a tripped breaker or a spent budget."""
+        if self.breaker.tripped and not self.stats.unreachable:
+            self.stats.unreachable = self.breaker.tripped
+            self.stats.stopped = f"{self.breaker.failures} connection failures in a row"
+        return bool(self.stats.fatal or self.stats.unreachable) or not self._budget_left()
+
     async def ask(self, job: Job) -> dict | None:
-        """One completion, retried on 429/5xx/timeouts/bad bodies; None if given up or out of budget."""
+        """One completion, retried on 429/5xx/timeouts/bad bodies/connection errors; None if given up or stopped."""
+        try:
+            return await self._ask(job)
+        finally:  # a request that stops probing hands the probe to a waiting one
+            await self.breaker.release(job)
+
+    async def _ask(self, job: Job) -> dict | None:
         import openai
 
         try:
@@ -319,16 +438,22 @@ class Asker:
             import httpx as transport
         attempt = 0
         while True:
-            if self.stats.fatal or not self._budget_left():
+            await self.breaker.turn(job)
+            if self._done():
                 return None
             self.stats.requests += 1
             retry_after = None
+            connection_failed = False
             try:
-                return _extract(self.args.api, await self._send(job))
+                rec = _extract(self.args.api, await self._send(job))
+                await self.breaker.reached()
+                return rec
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                await self.breaker.reached()
                 self.stats.fatal = f"the endpoint refused the request (HTTP {e.status_code}): {_message(e)}"
                 return None
             except openai.APIStatusError as e:
+                await self.breaker.reached()
                 if e.status_code in (408, 409, 429) or e.status_code >= 500:
                     retry_after = _retry_after(e.response.headers)
                     self._fault(f"http_{e.status_code}", f"HTTP {e.status_code}: {_message(e)}")
@@ -336,28 +461,37 @@ class Asker:
                     self.stats.rejected += 1
                     self.stats.last_error = f"HTTP {e.status_code}: {_message(e)}"
                     return None
-            except openai.APITimeoutError:
-                self._fault("timeout", f"no answer within --timeout {self.args.timeout} s")
+            except openai.APITimeoutError as e:
+                if isinstance(e.__cause__, self.connect_timeout):
+                    connection_failed = True
+                    self._fault("connection", f"connection error: no connection within {self.timeout.connect} s")
+                    await self.breaker.failed(job, f"no connection within {self.timeout.connect} s")
+                else:  # connected, but no answer in time: the endpoint is there
+                    await self.breaker.reached()
+                    self._fault("timeout", f"no answer within --timeout {self.args.timeout} s")
             except openai.APIConnectionError as e:
-                self._fault("connection", f"connection error: {e}")
+                connection_failed = True
+                self._fault("connection", f"connection error: {_root_cause(e)}")
+                await self.breaker.failed(job, _root_cause(e))
             except (BadResponse, json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as e:
+                await self.breaker.reached()
                 self._fault("bad_body", f"unusable response body: {e}")
             except transport.HTTPError as e:
                 self._fault("transport", f"{type(e).__name__}: {e}")
             if attempt >= self.args.max_retries:
                 self.stats.failed += 1
                 return None
-            delay = backoff_delay(attempt, retry_after, self.args.backoff_base, self.args.backoff_max)
             attempt += 1
             self.stats.retries += 1
-            await asyncio.sleep(delay)
+            if not connection_failed:  # after a connection failure the breaker paces the retry (in turn())
+                await asyncio.sleep(backoff_delay(attempt - 1, retry_after, self.args.backoff_base, self.args.backoff_max))
 
     async def run(self, jobs: Iterable[Job]) -> None:
         queue = list(jobs)
         queue.reverse()  # pop() from the end: jobs go out in input order
 
         async def worker() -> None:
-            while queue and not self.stats.fatal and not self.stats.stopped:
+            while queue and not self.stats.fatal and not self.stats.stopped and not self.stats.unreachable:
                 job = queue.pop()
                 rec = await self.ask(job)
                 if rec is None:
@@ -517,6 +651,59 @@ def side_paths(output: Path) -> dict[str, Path]:
     return {k: output.with_name(f"{stem}.{k}{ext}") for k, ext in (("store", ".jsonl"), ("raw", ".jsonl"), ("summary", ".json"))}
 
 
+def check_output(output: Path, paths: dict[str, Path]) -> None:
+    """Refuse, before any request is paid for, an --output that is a directory or in a directory that cannot be written."""
+    if output.is_dir():
+        raise TeacherError(f"--output {output} is a directory; give a file path, e.g. {output / 'teacher.jsonl'}")
+    for kind in ("raw", "summary"):
+        if paths[kind].is_dir():
+            raise TeacherError(f"--output {output}: {paths[kind]} is a directory, and dss-teacher writes that file; move it")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        why = "not a directory" if isinstance(e, (FileExistsError, NotADirectoryError)) else (e.strerror or str(e))
+        raise TeacherError(f"--output {output}: cannot write in {parent} ({why}); give another --output") from None
+
+
+def check_store_owner(output: Path, summary: Path, store: Path) -> None:
+    """Refuse to overwrite an output written from another store (its summary records the store it came from).
+
+    Two runs with different stores would otherwise replace each other's output without a word.
+    """
+    if not output.exists():
+        return
+    try:
+        prev = json.loads(summary.read_text(encoding="utf-8")).get("store")
+    except (OSError, ValueError, AttributeError):
+        return  # no summary of ours beside it: nothing recorded to compare
+    if isinstance(prev, str) and prev != str(store.resolve()):
+        raise TeacherError(
+            f"--output {output} was written from the store {prev}, not {store}; rerun with --store {prev} to continue "
+            f"that run, give another --output, or delete {output} to replace it"
+        )
+
+
+def warn_duplicate_ids(source: str, inputs: list[TeacherInput]) -> None:
+    """One line naming the ids that more than one input row carries: the output keeps them, so they stop identifying rows."""
+    seen: dict[str | int, int] = {}
+    for x in inputs:
+        if x.id is not None:
+            seen[x.id] = seen.get(x.id, 0) + 1
+    dups = [i for i, c in seen.items() if c > 1]
+    if dups:
+        first = ", ".join(map(repr, dups[:5])) + (", ..." if len(dups) > 5 else "")
+        rows = sum(seen[i] for i in dups)
+        print(
+            f"dss-teacher: warning: {source}: {len(dups)} ids are each used by more than one row ({rows} rows; {first}); "
+            "every row is still asked for and keeps its id in the output",
+            file=sys.stderr,
+        )
+
+
 def _public_url(url: str) -> str:
     """The endpoint without userinfo or query (they can hold credentials), for the summary."""
     p = urlsplit(url)
@@ -558,10 +745,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "-1 sends no seed (default 0)")  # fmt: skip
     g = p.add_argument_group("throughput and cost")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer before retrying (default 120)")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help=f"seconds to wait for one answer before retrying (default 120); connecting gives up after "
+                        f"{CONNECT_TIMEOUT_S:g} s, or this if shorter")  # fmt: skip
     g.add_argument("--max_retries", type=int, default=8,
                    help="retries per request on 429, 408/409, 5xx, timeouts, connection errors and unusable bodies "
                         "(default 8); Retry-After is honoured, otherwise exponential backoff with jitter")  # fmt: skip
+    g.add_argument("--max_connection_failures", type=int, default=5,
+                   help="stop the run after this many connection failures in a row (refused, reset, no connection "
+                        "within the connect timeout), counted across all requests; any answer resets the count. While "
+                        "the endpoint cannot be reached one request at a time probes it, with the backoff above, so with "
+                        "the defaults an endpoint that refuses connections ends the run within about 15 s (one that "
+                        "never answers them: about 65 s), whatever the number of inputs (default 5)")  # fmt: skip
     g.add_argument("--backoff_base", type=float, default=1.0, help="first backoff in seconds (default 1)")
     g.add_argument("--backoff_max", type=float, default=60.0, help="longest backoff in seconds without Retry-After (default 60)")
     g.add_argument("--max_requests", type=int, default=None, help="stop after this many HTTP requests (retries included)")
@@ -569,8 +764,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_tokens_total", type=int, default=None, help="stop once this run has used this many tokens (prompt + completion)"
     )
     g = p.add_argument_group("output")
-    g.add_argument("--output", required=True, help="the user JSONL to write; the store, raw and summary files go beside it")
-    g.add_argument("--store", default=None, help="the completion store (default: <output>.store.jsonl); share it between runs")
+    g.add_argument("--output", required=True,
+                   help="the user JSONL to write; the store, raw and summary files go beside it. Checked before the "
+                        "first request: a directory, or a place that cannot be written, is refused")  # fmt: skip
+    g.add_argument("--store", default=None,
+                   help="the completion store (default: <output>.store.jsonl); share it between runs. The summary "
+                        "records the store an output was written from, and an existing --output written from another "
+                        "store is refused rather than replaced (continue with that --store, or pick another --output)")  # fmt: skip
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -583,7 +783,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.prompt and a.prompt_file:
         p.error("give --prompt or --prompt_file, not both")
     for name, lo in (("n", 1), ("max_tokens", 1), ("concurrency", 1), ("max_retries", 0), ("limit", 1), ("max_requests", 1),
-                     ("max_tokens_total", 1)):  # fmt: skip
+                     ("max_tokens_total", 1), ("max_connection_failures", 1)):  # fmt: skip
         v = getattr(a, name)
         if v is not None and v < lo:
             p.error(f"--{name} must be >= {lo}")
@@ -605,9 +805,13 @@ def main(argv: list[str] | None = None) -> int:
         args.temperature = 0.0 if args.n == 1 else 0.7
     try:
         return _main(args)
-    except (TeacherError, readers.DataFormatError, teacher_prompts.PromptError, FileNotFoundError, ValueError) as e:
+    except (TeacherError, readers.DataFormatError, teacher_prompts.PromptError, OSError, ValueError) as e:
         print(f"dss-teacher: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the requests (those stop in _ask_all and still write the output)
+        print("dss-teacher: interrupted; every completion received is in the store; rerun the same command to continue",
+              file=sys.stderr)  # fmt: skip
+        return 130
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -622,6 +826,7 @@ def _main(args: argparse.Namespace) -> int:
         inputs = read_inputs(args.input)
     if args.limit:
         inputs = inputs[: args.limit]
+    warn_duplicate_ids(args.input or f"{args.benchmark} {args.split}", inputs)
     if args.show_prompt:
         x = inputs[0]
         prompt = spec.chat_messages(x.text, x.text_b) if args.api == "chat" else spec.completion_prompt(x.text, x.text_b)
@@ -642,7 +847,10 @@ def _main(args: argparse.Namespace) -> int:
     cached = shared = 0
     output = Path(args.output)
     paths = side_paths(output)
-    store = Store(Path(args.store) if args.store else paths["store"])
+    store_path = Path(args.store) if args.store else paths["store"]
+    check_output(output, paths)
+    check_store_owner(output, paths["summary"], store_path)
+    store = Store(store_path)
     try:
         for i, x in enumerate(inputs):
             prompt = spec.chat_messages(x.text, x.text_b) if args.api == "chat" else spec.completion_prompt(x.text, x.text_b)
@@ -669,6 +877,7 @@ def _main(args: argparse.Namespace) -> int:
     missing = sum(s is None for row in samples for s in row)
     summary = {
         "endpoint": {"base_url": _public_url(args.base_url), "model": args.model, "api": args.api},
+        "store": str(store_path.resolve()),
         "prompt": {"name": spec.name, "version": spec.version, "sha256": spec.sha256, "file": spec.path},
         "source": {"benchmark": args.benchmark, "split": args.split} if args.benchmark else {"input": str(args.input)},
         "sampling": {"n": args.n, **sampling.for_sample(0), "seed": sampling.seed},
@@ -690,9 +899,19 @@ def _main(args: argparse.Namespace) -> int:
             "stopped": stats.stopped or None,
         },
     }
+    check_store_owner(output, paths["summary"], store_path)  # again: another run may have written it meanwhile
     write_atomic(paths["raw"], dump_jsonl(agg["raw"]))
     write_atomic(output, dump_jsonl(agg["rows"]))
     write_atomic(paths["summary"], json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    kept = (f"kept {len(store.records)} completions ({stats.new_completions} new) in {store_path} and "
+            f"{summary['inputs_complete']} complete inputs in {output}; rerun the same command to continue")  # fmt: skip
+    if stats.interrupted:
+        print(f"dss-teacher: interrupted: {kept}", file=sys.stderr)
+        return 130
+    if stats.unreachable:
+        print(f"dss-teacher: error: cannot reach the endpoint {_public_url(args.base_url)}: {stats.stopped} (the last: "
+              f"{stats.unreachable}; --max_connection_failures sets the limit); {kept}", file=sys.stderr)  # fmt: skip
+        return 3
     _print_summary(summary, output, paths)
     if stats.fatal:
         raise TeacherError(stats.fatal)
@@ -708,9 +927,29 @@ async def _ask_all(args: argparse.Namespace, api_key: str, store: Store, jobs: l
         total=len(jobs), desc="dss-teacher", unit="req", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True
     )
     asker = Asker(client, args, store, progress)
+    run = asyncio.ensure_future(asker.run(jobs))
+
+    def interrupt() -> None:  # Ctrl-C: stop asking; what is stored stays, and the output is written from it
+        asker.stats.interrupted = True
+        asker.stats.stopped = "interrupted"
+        run.cancel()
+
+    loop = asyncio.get_running_loop()
     try:
-        await asker.run(jobs)
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        handled = True
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread: Ctrl-C stays KeyboardInterrupt
+        handled = False
+    try:
+        await run
+    except asyncio.CancelledError:
+        if not asker.stats.interrupted:
+            raise
     finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGINT)
+        if asker.stats.interrupted or asker.stats.unreachable:
+            progress.leave = False  # the one line that follows says where the run stands
         progress.close()
         await client.close()
     return asker.stats

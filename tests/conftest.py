@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data" / "dss"
+SHARED_DATA = Path(os.environ.get("DSS_DATA_DIR") or REPO.parent / "shared" / "data" / "dss")  # as the Makefile sets it
 
 
 def hf_t5(gated: bool, enc_layers: int = 2, dec_layers: int = 2, vocab: int = 100, seed: int = 0):

@@ -11,8 +11,10 @@ from dss_jax.model import T5, T5Config, init_params, shift_right
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def dense_reference(q, k, v, table, bias, q_pos, k_pos, q_seg, k_seg):
-    """Today's formula written out: the full [b, h, q, k] bias and mask, softmax, weights times values."""
+def dense_reference(q, k, v, table, bias, q_pos, k_pos, q_seg, k_seg, scale=1.0, softcap=None, return_lse=False):
+    """The formula written out: repeated K/V heads, the full [b, h, q, k] bias and mask, softmax, weights times values."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # query head i reads kv head i // g
     rel = k_pos[:, None, :] - q_pos[:, :, None]
     full = jnp.zeros((q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     if table is not None:
@@ -21,9 +23,15 @@ def dense_reference(q, k, v, table, bias, q_pos, k_pos, q_seg, k_seg):
     mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
     if bias.causal:
         mask = mask & (rel <= 0)
+    if bias.window is not None:
+        mask = mask & (-rel <= bias.window[0]) & (rel <= bias.window[1])
     full = full + jnp.where(mask, 0.0, attn.NEG_INF)[:, None]
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) + full
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+    s = scale * jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = s + full
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+    return (out, jnp.moveaxis(jax.nn.logsumexp(s, -1), 1, 2)) if return_lse else out
 
 
 def packed_segments(rng, b, n):
@@ -83,6 +91,136 @@ def test_blockwise_equals_dense_forward_and_gradients(name, blocks):
     g_ref = jax.grad(loss(ref), argnums)(q, k, v, table)
     for a, r in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
+
+
+def _assert_forward_and_grads_equal(ours, ref, args, valid_q):
+    """Outputs on real queries within 1e-5; gradients wrt every argument within 1e-4 (float32)."""
+    np.testing.assert_allclose(jnp.where(valid_q, ours(*args), 0), jnp.where(valid_q, ref(*args), 0), atol=1e-5)
+    w = jnp.asarray(np.random.default_rng(7).normal(size=args[0].shape), jnp.float32) * valid_q
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a) * w)
+
+    argnums = tuple(range(len(args)))
+    g_ours = jax.jit(jax.grad(loss(ours), argnums))(*args)
+    g_ref = jax.grad(loss(ref), argnums)(*args)
+    for a, r in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
+
+
+def segment_positions(seg):
+    """Positions restarting at 0 in each segment (what a RoPE model feeds per packed example)."""
+    seg = np.asarray(seg)
+    pos = np.zeros_like(seg)
+    for r in range(seg.shape[0]):
+        for j in range(1, seg.shape[1]):
+            pos[r, j] = pos[r, j - 1] + 1 if seg[r, j] == seg[r, j - 1] else 0
+    return jnp.asarray(pos)
+
+
+# Gemma-family variants: no table, grouped-query heads, scale, softcap, causal and window masks on positions
+VARIANTS = {
+    "gqa_2_kv_heads": dict(hkv=2, scale=8**-0.5),
+    "gqa_1_kv_head": dict(hkv=1, scale=8**-0.5),
+    "softcap": dict(hkv=2, scale=0.7, softcap=2.0),
+    "causal": dict(hkv=2, scale=8**-0.5, causal=True),
+    "causal_sliding_window": dict(hkv=2, scale=8**-0.5, causal=True, window=(4, 0)),
+    "bidirectional_window": dict(hkv=4, scale=8**-0.5, window=(3, 2)),
+    "packed_window": dict(hkv=2, scale=8**-0.5, softcap=3.0, window=(5, 3), packed=True),
+    "packed_causal_window": dict(hkv=1, scale=8**-0.5, causal=True, window=(6, 0), packed=True),
+    "gqa_with_t5_table": dict(hkv=2, table=True, causal=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("blocks", [(8, 16), (64, 64)])
+def test_gemma_variants_equal_dense_forward_and_gradients(name, blocks):
+    c = VARIANTS[name]
+    rng = np.random.default_rng(1)
+    b, hq, d, n, nb = 3, 4, 8, 41, 16
+    q = jnp.asarray(rng.normal(size=(b, n, hq, d)) * 2, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, n, c["hkv"], d)) * 2, jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, n, c["hkv"], d)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(hq, nb)), jnp.float32) if c.get("table") else None
+    bias = attn.Bias(not c.get("causal", False), nb, 20, c.get("causal", False), c.get("window"))
+    if c.get("packed"):
+        seg = packed_segments(rng, b, n)
+        pos = segment_positions(seg)  # the window holds on each example's own positions
+    else:
+        seg = jnp.asarray(np.arange(n)[None] < np.array([[n], [30], [9]]), jnp.int32)
+        pos = None  # arange
+    ref_pos = jnp.arange(n)[None].repeat(b, 0) if pos is None else pos
+    kw = dict(scale=c.get("scale", 1.0), softcap=c.get("softcap"))
+
+    def ours(q, k, v, *t):
+        return attn.attention(q, k, v, t[0] if t else None, bias, pos, pos, seg, seg, q_block=blocks[0], k_block=blocks[1], **kw)
+
+    def ref(q, k, v, *t):
+        return dense_reference(q, k, v, t[0] if t else None, bias, ref_pos, ref_pos, seg, seg, **kw)
+
+    args = (q, k, v) + ((table,) if table is not None else ())
+    _assert_forward_and_grads_equal(ours, ref, args, (seg > 0)[:, :, None, None])
+
+
+@pytest.mark.parametrize("blocks", [(8, 16), (64, 64)])
+def test_log_sum_exp_equals_dense(blocks):
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 23, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 23, 2, 8)), jnp.float32)
+    seg = jnp.ones((2, 23), jnp.int32)
+    bias = attn.Bias(False, causal=True, window=(5, 0))
+    kw = dict(scale=0.3, softcap=4.0, return_lse=True)
+    out, lse = attn.attention(q, k, k, None, bias, None, None, seg, seg, q_block=blocks[0], k_block=blocks[1], **kw)
+    pos = jnp.arange(23)[None]
+    ref_out, ref_lse = dense_reference(q, k, k, None, bias, pos, pos, seg, seg, **kw)
+    assert lse.shape == (2, 23, 4) and lse.dtype == jnp.float32
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [(8, 16), (64, 64)])
+def test_merging_two_attentions_by_lse_equals_one_attention_over_all_keys(blocks):
+    """T5Gemma 2's decoder: causal self keys and bidirectional encoder keys in one softmax, each with its own mask."""
+    rng = np.random.default_rng(3)
+    b, lq, le, hq, hkv, d = 2, 19, 29, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, lq, hq, d)), jnp.float32)
+    ks, vs = (jnp.asarray(rng.normal(size=(b, lq, hkv, d)), jnp.float32) for _ in range(2))
+    kc, vc = (jnp.asarray(rng.normal(size=(b, le, hkv, d)), jnp.float32) for _ in range(2))
+    dec_seg = jnp.ones((b, lq), jnp.int32)
+    enc_seg = jnp.asarray(np.arange(le)[None] < np.array([[le], [11]]), jnp.int32)
+    causal, full = attn.Bias(False, causal=True, window=(6, 0)), attn.Bias()
+    kw = dict(q_block=blocks[0], k_block=blocks[1], scale=0.5, softcap=5.0, return_lse=True)
+
+    def merged(q, ks, vs, kc, vc):
+        self_part = attn.attention(q, ks, vs, None, causal, None, None, dec_seg, dec_seg, **kw)
+        cross_part = attn.attention(q, kc, vc, None, full, None, jnp.zeros((1, le), jnp.int32), dec_seg, enc_seg, **kw)
+        return attn.merge([self_part, cross_part])[0]
+
+    def one(q, ks, vs, kc, vc):  # concatenated keys, the union of both masks written out
+        k, v = jnp.concatenate([ks, kc], 1), jnp.concatenate([vs, vc], 1)
+        kk = jnp.repeat(k, hq // hkv, axis=2)
+        s = 5.0 * jnp.tanh(0.5 * jnp.einsum("bqhd,bkhd->bhqk", q, kk) / 5.0)
+        i, j = np.arange(lq)[:, None], np.arange(lq)[None]
+        self_mask = jnp.asarray((j <= i) & (i - j <= 6))[None].repeat(b, 0)
+        cross_mask = jnp.broadcast_to(enc_seg[:, None, :] > 0, (b, lq, le))
+        mask = jnp.concatenate([self_mask, cross_mask], 2)[:, None]
+        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), -1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, jnp.repeat(v, hq // hkv, axis=2))
+
+    _assert_forward_and_grads_equal(merged, one, (q, ks, vs, kc, vc), jnp.ones((b, lq, 1, 1), bool))
+
+
+def test_query_heads_must_be_a_multiple_of_kv_heads():
+    x, seg = jnp.zeros((1, 4, 3, 8)), jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
+        attn.attention(x, x[:, :, :2], x[:, :, :2], None, attn.Bias(), None, None, seg, seg)
+
+
+@pytest.mark.parametrize("kw", [dict(softcap=30.0), dict(return_lse=True)], ids=["softcap", "lse"])
+def test_cudnn_path_names_what_it_cannot_do(kw):
+    x, seg = jnp.zeros((1, 4, 2, 8), jnp.bfloat16), jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="attention_impl='cudnn' .*use attention_impl='blockwise'"):
+        attn.cudnn_attention(x, x, x, None, attn.Bias(), None, None, seg, seg, **kw)
 
 
 def _tiny(**kw):

@@ -3,7 +3,7 @@
 The fake endpoint answers /v1/completions and /v1/chat/completions with deterministic completions in the
 released style, derived from the prompt's last query and the request's seed, and injects 429s with
 Retry-After, 500s, answers slower than the client's timeout, truncated JSON bodies and finish_reason
-"length". Every request is logged with the teacher's store key (sent as a header), so the tests can prove
+"length", or stop listening after a number of answers (an endpoint that dies). Every request is logged with the teacher's store key (sent as a header), so the tests can prove
 that nothing stored is asked for twice.
 """
 
@@ -70,8 +70,11 @@ def last_query(body: dict, chat: bool) -> str:
 class FakeLLM:
     """A small OpenAI-compatible server: deterministic answers, a request log, injected faults."""
 
-    def __init__(self, faults: tuple[str | None, ...] = (), delay: float = 0.0, slow_s: float = 1.5, retry_after: str = "1"):
+    def __init__(self, faults: tuple[str | None, ...] = (), delay: float = 0.0, slow_s: float = 1.5, retry_after: str = "1",
+                 die_after: int | None = None):  # fmt: skip
         self.faults, self.delay, self.slow_s, self.retry_after = faults, delay, slow_s, retry_after
+        self.die_after = die_after  # after this many answers the server closes its socket: connections are refused
+        self.server: uvicorn.Server | None = None
         self.log: list[dict] = []
         self.attempts: dict[str, int] = {}
         self.new_keys = 0
@@ -127,6 +130,10 @@ class FakeLLM:
         if fault == "truncated":
             return Response(raw[: len(raw) // 2], media_type="application/json")
         entry["answered"] = fault != "slow"  # a slow answer arrives after the client gave up on it
+        if self.die_after is not None and len(self.answered()) >= self.die_after:
+            # uvicorn closes the listening socket first, then waits for this answer and closes its connection
+            self.server.should_exit = True
+            await asyncio.sleep(0.5)
         return Response(raw, media_type="application/json")
 
     def answered(self) -> list[str]:
@@ -134,15 +141,22 @@ class FakeLLM:
 
 
 @contextlib.contextmanager
-def serving(fake: FakeLLM):
+def serving(fake: FakeLLM, start_after: float = 0.0):
+    """The fake on a loopback port; with ``start_after`` it listens only that many seconds later (refused till then)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(fake.app(), log_config=None, access_log=False, lifespan="off"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    fake.server = server
+
+    def run() -> None:
+        time.sleep(start_after)
+        server.run(sockets=[sock])
+
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     deadline = time.time() + 20
-    while not server.started:
+    while not server.started and not start_after:
         assert time.time() < deadline and t.is_alive(), "fake endpoint did not start"
         time.sleep(0.01)
     try:
@@ -542,3 +556,198 @@ def test_the_vote_keeps_every_distinct_rationale_of_the_winning_answer():
     v = teacher.vote(spec, [{"text": t, "finish_reason": f} for t, f in texts])
     assert v["rationale"] == "He has 3 and gets 2 more."
     assert v["rationales"] == ["He has 3 and gets 2 more.", "3 apples plus 2 apples."]
+
+
+# ----------------------------------------------------------------------------- failing fast and safely (CLI in subprocesses)
+
+
+def _cli(argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    return subprocess.run([sys.executable, "-m", "dss_jax.teacher", *argv], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, **kw)  # fmt: skip
+
+
+def _lines(r: subprocess.CompletedProcess) -> list[str]:
+    return (r.stdout + r.stderr).strip().splitlines()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connections to it are refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.mark.slow  # runs dss-teacher as a subprocess
+def test_a_closed_port_stops_the_run_within_a_minute_with_one_line(tmp_path):
+    """The circuit breaker, with the default retry settings: the time to give up does not grow with the inputs."""
+    inp = toy_inputs(tmp_path / "in.jsonl", 40)
+    prompt = write_prompt(tmp_path)
+    out = tmp_path / "o" / "out.jsonl"
+    port = closed_port()
+    argv = ["--base_url", f"http://127.0.0.1:{port}/v1", "--model", "fake-1", "--input", str(inp), "--prompt_file",
+            str(prompt), "--output", str(out), "--no_progress"]  # fmt: skip
+    t0 = time.monotonic()
+    r = _cli(argv, timeout=90)
+    elapsed = time.monotonic() - t0
+    lines = _lines(r)
+    assert r.returncode == 3 and len(lines) == 1, (r.returncode, lines)
+    assert lines[0].startswith("dss-teacher: error:") and f"127.0.0.1:{port}" in lines[0] and "refused" in lines[0], lines
+    assert elapsed < 60, elapsed
+    assert summary_of(out)["this_run"]["stopped"] and out.read_text() == ""
+
+
+@pytest.mark.slow  # runs dss-teacher as a subprocess, twice
+def test_an_endpoint_that_dies_mid_run_keeps_its_answers_and_a_rerun_completes(tmp_path):
+    inp = toy_inputs(tmp_path / "in.jsonl", 12, seed=3)
+    prompt = write_prompt(tmp_path)
+    out, whole = tmp_path / "died" / "out.jsonl", tmp_path / "whole" / "out.jsonl"
+    dying = FakeLLM(die_after=5)
+    with serving(dying) as url:
+        r = _cli(args(url, inp, out, prompt, "--concurrency", "1"), timeout=90)
+    lines = _lines(r)
+    assert r.returncode == 3 and len(lines) == 1 and url.rsplit("/", 1)[0] in lines[0], (r.returncode, lines)
+    stored = store_keys(out)
+    assert len(stored) == 5 and set(stored) == set(dying.answered())
+    assert len(out.read_text().splitlines()) == summary_of(out)["inputs_complete"] == 5
+
+    live = FakeLLM()
+    with serving(live) as url:
+        r = _cli(args(url, inp, out, prompt), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert not set(stored) & {e["key"] for e in live.log}, "a stored completion was asked for again"
+        assert _cli(args(url, inp, whole, prompt), timeout=120).returncode == 0
+    assert out.read_bytes() == whole.read_bytes() and len(out.read_text().splitlines()) == 12
+
+
+@pytest.mark.slow  # runs dss-teacher as a subprocess, twice
+def test_ctrl_c_gives_one_line_keeps_the_work_and_exits_130(tmp_path):
+    inp = toy_inputs(tmp_path / "in.jsonl", 40, seed=4)
+    prompt = write_prompt(tmp_path)
+    out = tmp_path / "o" / "out.jsonl"
+    fake = FakeLLM(delay=0.1)
+    with serving(fake) as url:
+        proc = _run_cli(args(url, inp, out, prompt, "--n", "2", "--concurrency", "4"))
+        store = teacher.side_paths(out)["store"]
+        deadline = time.time() + 60
+        while not (store.exists() and store.read_bytes().count(b"\n") >= 12):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        lines = (stdout + stderr).strip().splitlines()
+        assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], (proc.returncode, stdout, stderr)
+        stored = set(store_keys(out))
+        assert len(stored) >= 12
+        partial = out.read_text().splitlines()
+        assert len(partial) == summary_of(out)["inputs_complete"] > 0
+        n_before = len(fake.log)
+        r = _cli(args(url, inp, out, prompt, "--n", "2", "--concurrency", "4"), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert not stored & {e["key"] for e in fake.log[n_before:]}, "a stored completion was asked for again"
+    final = out.read_text().splitlines()
+    assert len(final) == 40 and set(partial) <= set(final)
+
+
+@pytest.mark.slow  # runs dss-teacher as a subprocess, twice
+def test_an_output_that_cannot_be_written_is_refused_before_the_first_request(tmp_path):
+    inp = toy_inputs(tmp_path / "in.jsonl", 3)
+    prompt = write_prompt(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    fake = FakeLLM()
+    with serving(fake) as url:
+        for out, words in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "out.jsonl", "cannot write")):
+            r = _cli(args(url, inp, out, prompt), timeout=60)
+            lines = _lines(r)
+            assert r.returncode == 2 and len(lines) == 1 and str(out) in lines[0] and words in lines[0], lines
+    assert fake.log == []
+
+
+@pytest.mark.slow  # runs dss-teacher as a subprocess
+def test_written_files_honour_the_umask(tmp_path):
+    inp = toy_inputs(tmp_path / "in.jsonl", 3)
+    prompt = write_prompt(tmp_path)
+    out = tmp_path / "o" / "out.jsonl"
+    with serving(FakeLLM()) as url:
+        r = _cli(args(url, inp, out, prompt), timeout=60, preexec_fn=lambda: os.umask(0o002))
+    assert r.returncode == 0, r.stderr
+    for f in (out, *teacher.side_paths(out).values()):
+        assert f.stat().st_mode & 0o777 == 0o664, (f, oct(f.stat().st_mode))
+
+
+@pytest.mark.slow  # runs dss-teacher as a subprocess
+def test_duplicate_ids_are_warned_about_in_one_line(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    ids = ["a", "b", "a", "c", "b", "a", "d"]
+    inp.write_text("".join(json.dumps({"id": i, "input": f"{w} pear", "label": w}) + "\n" for i, w in zip(ids, WORDS)))
+    prompt = write_prompt(tmp_path)
+    with serving(FakeLLM()) as url:
+        r = _cli(args(url, inp, tmp_path / "o" / "out.jsonl", prompt), timeout=60)
+    assert r.returncode == 0, r.stderr
+    warnings = [x for x in r.stderr.splitlines() if "duplicate" in x]
+    assert len(warnings) == 1 and "2 ids" in warnings[0] and "'a', 'b'" in warnings[0] and str(inp) in warnings[0], r.stderr
+
+
+@pytest.mark.slow  # runs dss-teacher as a subprocess, four times
+def test_an_output_written_from_another_store_is_not_overwritten(tmp_path):
+    inp = toy_inputs(tmp_path / "in.jsonl", 4)
+    prompt = write_prompt(tmp_path)
+    out = tmp_path / "o" / "out.jsonl"
+    store_a, store_b = tmp_path / "a.store.jsonl", tmp_path / "b.store.jsonl"
+    fake = FakeLLM()
+    with serving(fake) as url:
+        assert _cli(args(url, inp, out, prompt, "--store", str(store_a)), timeout=60).returncode == 0
+        written = out.read_bytes()
+        n_requests = len(fake.log)
+        for other in (["--store", str(store_b)], []):  # another store, or the default one beside the output
+            r = _cli(args(url, inp, out, prompt, *other), timeout=60)
+            lines = _lines(r)
+            assert r.returncode == 2 and len(lines) == 1 and str(store_a) in lines[0] and str(out) in lines[0], lines
+        assert len(fake.log) == n_requests and out.read_bytes() == written
+        r = _cli(args(url, inp, out, prompt, "--store", str(store_a)), timeout=60)  # the same store: a rerun
+        assert r.returncode == 0 and len(fake.log) == n_requests, r.stderr
+
+
+def test_an_endpoint_that_comes_up_late_is_waited_for(tmp_path):
+    """A short outage (connections refused for the first 3 s) is probed through, not given up on."""
+    import openai  # noqa: F401  (imported now, so the run's first request comes well inside the outage)
+    import tqdm  # noqa: F401
+
+    inp = toy_inputs(tmp_path / "in.jsonl", 6, seed=5)
+    prompt = write_prompt(tmp_path)
+    out = tmp_path / "o" / "out.jsonl"
+    with serving(FakeLLM(), start_after=3.0) as url:
+        argv = args(url, inp, out, prompt, "--concurrency", "4", "--backoff_base", "1", "--backoff_max", "60")
+        assert teacher.main([*argv, "--max_connection_failures", "8"]) == 0
+    s = summary_of(out)
+    assert s["complete"] and s["this_run"]["retried_faults"]["connection"] >= 1, s["this_run"]
+
+
+def test_the_breaker_counts_one_outage_once_whatever_the_concurrency():
+    """Requests in flight when the endpoint goes away fail together: that is one failure, not --concurrency of them;
+    then one request probes at a time, and any answer closes the breaker."""
+
+    async def scenario() -> None:
+        b = teacher.Breaker(limit=3, base=0.0, cap=0.0)
+        in_flight = [object() for _ in range(8)]
+        for r in in_flight:
+            await asyncio.wait_for(b.turn(r), 1)  # closed: everyone may send
+        for r in in_flight:
+            await b.failed(r, "Connection refused")
+        assert b.failures == 1 and b.prober is in_flight[0] and not b.tripped
+        waiting = asyncio.ensure_future(b.turn(in_flight[1]))  # not the probe: waits for the breaker to close
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await b.reached()  # the probe got an answer
+        await asyncio.wait_for(waiting, 1)
+        assert b.failures == 0
+        for _ in range(3):  # the probe fails three times in a row: tripped, and waiters are let go
+            await asyncio.wait_for(b.turn(in_flight[0]), 1)
+            await b.failed(in_flight[0], "Connection refused")
+        assert b.tripped == "Connection refused"
+        await asyncio.wait_for(b.turn(in_flight[5]), 1)
+
+    asyncio.run(scenario())
