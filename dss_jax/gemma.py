@@ -206,52 +206,26 @@ def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-# ----------------------------------------------------------------------------- attention kernel
-
-_HAS_WINDOW = "window" in {f.name for f in dataclasses.fields(attn.Bias)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _FallbackBias:  # TEMPORARY: dss_jax.attention.Bias with ``window`` (helper attn) replaces this
-    bidirectional: bool = True
-    num_buckets: int = 32
-    max_distance: int = 128
-    causal: bool = False
-    window: tuple[int, int] | None = None
-
-
-def _dense_attention(q, k, v, table, bias, q_pos, k_pos, q_seg, k_seg, *, q_block=512, k_block=512,
-                     dropout_rng=None, dropout_rate=0.0, scale=1.0, softcap=None, return_lse=False):  # fmt: skip
-    """TEMPORARY dense twin of the agreed ``dss_jax.attention.attention`` (GQA, scale, softcap, window, lse)."""
-    del table, q_block, k_block
-    b, lq, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, lq, hkv, hq // hkv, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
-    if softcap:
-        s = softcap * jnp.tanh(s / softcap)
-    q_pos = jnp.broadcast_to(q_pos, (q_pos.shape[0], lq))
-    k_pos = jnp.broadcast_to(k_pos, (k_pos.shape[0], k.shape[1]))
-    visible = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
-    rel = q_pos[:, :, None] - k_pos[:, None, :]
-    if bias.causal:
-        visible = visible & (rel >= 0)
-    if bias.window is not None:
-        visible = visible & (rel <= bias.window[0]) & (rel >= -bias.window[1])
-    s = s + jnp.where(visible, 0.0, -1e10)[:, None, None]
-    lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.exp(s - lse[..., None])
-    if dropout_rng is not None and dropout_rate > 0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
-        p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v).reshape(b, lq, hq, d).astype(v.dtype)
-    if return_lse:
-        return out, jnp.moveaxis(lse.reshape(b, hq, lq), 1, 2)
-    return out
-
-
-Bias = attn.Bias if _HAS_WINDOW else _FallbackBias
-_attention = attn.attention if _HAS_WINDOW else _dense_attention
+def _attend(cfg: GemmaConfig, q: Array, k: Array, v: Array, bias: attn.Bias, pos: tuple, rng: Array | None, **kw: Any) -> Any:
+    """``dss_jax.attention`` with the config's implementation (cuDNN only where asked for and without dropout)."""
+    impl = attn.resolve_impl(cfg.attention_impl, cfg.dtype)
+    if impl == "cudnn" and rng is None:
+        return attn.cudnn_attention(
+            q, k, v, None, bias, *pos, scale=kw["scale"], softcap=kw["softcap"], return_lse=kw["return_lse"]
+        )
+    return attn.attention(
+        q,
+        k,
+        v,
+        None,
+        bias,
+        *pos,
+        q_block=cfg.attention_q_block,
+        k_block=cfg.attention_k_block,
+        dropout_rng=rng,
+        dropout_rate=cfg.attention_dropout,
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -419,13 +393,9 @@ class GemmaAttention(nn.Module):
             cos, sin = rope
             q = apply_rope(q, cos, sin)
         rng = self.make_rng("dropout") if (not deterministic and cfg.attention_dropout > 0) else None
-        common = dict(
-            q_block=cfg.attention_q_block,
-            k_block=cfg.attention_k_block,
-            dropout_rate=cfg.attention_dropout,
-            scale=s.query_pre_attn_scalar**-0.5,
-            softcap=s.attn_logit_softcapping if cfg.family == "t5gemma" else None,  # HF's T5Gemma 2 never applies it
-        )
+        scale = s.query_pre_attn_scalar**-0.5
+        softcap = s.attn_logit_softcapping if cfg.family == "t5gemma" else None  # HF's T5Gemma 2 never applies it
+        attend = functools.partial(_attend, cfg, scale=scale, softcap=softcap)
 
         if self.kind in ("cross", "merged"):
             if decode and self.has_variable("cache", "cross_key"):
@@ -437,7 +407,7 @@ class GemmaAttention(nn.Module):
                     self.put_variable("cache", "cross_key", jnp.swapaxes(ck, 1, 2))
                     self.put_variable("cache", "cross_value", jnp.swapaxes(cv, 1, 2))
         if self.kind == "cross":
-            out = _attention(q, ck, cv, None, Bias(), *cross_pos, dropout_rng=rng, **common)
+            out = attend(q, ck, cv, attn.Bias(), cross_pos, rng, return_lse=False)
         else:
             k, v = k_norm(heads(k_proj(x), hkv)), heads(v_proj(x), hkv)
             k = apply_rope(k, cos, sin)
@@ -460,18 +430,13 @@ class GemmaAttention(nn.Module):
 
             def run(window: tuple[int, int] | None) -> Any:
                 def f(q: Array, k: Array, v: Array, r: Array | None) -> Any:
-                    b = Bias(causal=causal, window=window)
-                    return _attention(q, k, v, None, b, *self_pos, dropout_rng=r, return_lse=want_lse, **common)
+                    return attend(q, k, v, attn.Bias(causal=causal, window=window), self_pos, r, return_lse=want_lse)
 
                 return f
 
             out = _cond(sliding, run(self._window(True)), run(None), q, k, v, rng)
-            if want_lse:
-                out_s, lse_s = out
-                out_c, lse_c = _attention(q, ck, cv, None, Bias(), *cross_pos, dropout_rng=rng, return_lse=True, **common)
-                m = jnp.maximum(lse_s, lse_c)
-                ws, wc = jnp.exp(lse_s - m)[..., None], jnp.exp(lse_c - m)[..., None]
-                out = (ws * out_s.astype(jnp.float32) + wc * out_c.astype(jnp.float32)) / (ws + wc)
+            if want_lse:  # one softmax over the self and the encoder keys, each set with its own mask
+                out, _ = attn.merge([out, attend(q, ck, cv, attn.Bias(), cross_pos, rng, return_lse=True)])
         out = nn.with_logical_constraint(out.astype(dtype), ("batch", "length", "heads", "kv"))
         out = out.reshape(out.shape[:2] + (hq * hd,))
         return dense(s.hidden_size, ("joined_kv", "embed"), name="o_proj")(out)
