@@ -1,7 +1,7 @@
 """Orbax checkpoints: pretrained parameter checkpoints, and parameters out of the trainer's checkpoints.
 
 A dss_jax *pretrained* checkpoint (what training starts from) is a directory with ``params/`` (an Orbax
-PyTree of the unscanned, T5X-layout parameter tree), ``dss_config.json`` (the T5Config) and optionally
+PyTree of the unscanned, T5X-layout parameter tree), ``dss_config.json`` (the model config, with its family) and optionally
 ``spiece.model``. A *trainer* checkpoint is ``<model_dir>/checkpoints/<step>/state`` (the whole train state);
 the eval, infer and export paths read only its parameters, onto any mesh.
 """
@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dss_jax.model import T5Config
+from dss_jax.model import ModelConfig, config_from_dict
 from dss_jax.params import Params, abstract_boxed_params, check_shapes, check_tree, flatten, stack_layers, unstack_layers
 
 CONFIG_FILE = "dss_config.json"
 
 
 def save_pretrained(
-    path: str | os.PathLike, params: Params, cfg: T5Config, spiece_model: str | os.PathLike | None = None
+    path: str | os.PathLike, params: Params, cfg: ModelConfig, spiece_model: str | os.PathLike | None = None
 ) -> Path:
     """Writes params (any layout; stored unscanned), config and vocabulary."""
     path = Path(path).resolve()
@@ -51,7 +51,7 @@ def save_pretrained(
     return path
 
 
-def read_config(path: str | os.PathLike) -> T5Config:
+def read_config(path: str | os.PathLike) -> ModelConfig:
     f = Path(path) / CONFIG_FILE
     if not f.exists():
         raise FileNotFoundError(f"{f} not found: not a dss_jax pretrained checkpoint (make one with dss-convert)")
@@ -59,12 +59,12 @@ def read_config(path: str | os.PathLike) -> T5Config:
         d = json.loads(f.read_text(encoding="utf-8"))
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-        return T5Config.from_dict(d)
+        return config_from_dict(d)
     except (ValueError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{f} is not a valid model config: {e}") from None
 
 
-def load_pretrained(path: str | os.PathLike, cfg: T5Config | None = None) -> tuple[Params, T5Config, Path | None]:
+def load_pretrained(path: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[Params, ModelConfig, Path | None]:
     """Reads (params as numpy, config, spiece.model path or None).
 
     With ``cfg`` the stored architecture must match it (numerics such as dtype, remat and scan may differ);
@@ -107,7 +107,7 @@ def resolve_step_dir(path: str | os.PathLike) -> Path:
     return ckpts / str(best if best is not None else steps[-1])
 
 
-def restore_train_params(step_dir: str | os.PathLike, cfg: T5Config, shardings: Any = None, tool: str = "dss-eval") -> Any:
+def restore_train_params(step_dir: str | os.PathLike, cfg: ModelConfig, shardings: Any = None, tool: str = "dss-eval") -> Any:
     """The parameters of a trainer checkpoint (optimizer state is not read), placed with ``shardings`` (any
     mesh, not necessarily the training one). A checkpoint of another architecture fails naming the tensor; a
     damaged one (unreadable, or values that differ from its checksums) fails naming the step and the newest
@@ -125,7 +125,7 @@ def restore_train_params(step_dir: str | os.PathLike, cfg: T5Config, shardings: 
         raise CheckpointDamagedError(str(e) + hint) from None
 
 
-def newest_intact_step_dir(damaged: Path, cfg: T5Config) -> Path | None:
+def newest_intact_step_dir(damaged: Path, cfg: ModelConfig) -> Path | None:
     """The newest other step beside ``damaged`` whose parameters restore and verify (the error path only)."""
     ckpts = damaged.resolve().parent
     steps = sorted((int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and (p / "state").is_dir()), reverse=True)
@@ -140,7 +140,7 @@ def newest_intact_step_dir(damaged: Path, cfg: T5Config) -> Path | None:
     return None
 
 
-def _restore_train_params(step_dir: Path, cfg: T5Config, shardings: Any) -> Any:
+def _restore_train_params(step_dir: Path, cfg: ModelConfig, shardings: Any) -> Any:
     from flax import linen as nn
 
     state_dir = step_dir / "state"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gin
 
-from dss_jax.model import T5Config
+from dss_jax.model import ModelConfig
 
 # The repo's gin/ (source checkouts, editable installs), else the copy installed as dss_jax/gin_configs.
 _REPO_GIN = Path(__file__).resolve().parent.parent / "gin"
@@ -292,8 +292,9 @@ def error_text(e: BaseException) -> str:
     return "\n".join(line for line in str(e).splitlines() if not line.startswith("  In call to configurable "))
 
 
-def model_config(name: str, **overrides: object) -> T5Config:
-    """The T5Config a ``gin/models/<name>.gin`` file describes.
+def model_config(name: str, **overrides: object) -> ModelConfig:
+    """The model config a ``gin/models/<name>.gin`` file describes (``model.T5Config`` or, for T5Gemma
+    families, ``gemma.GemmaConfig`` bindings; the stacks of the latter are dicts of GemmaStack fields).
 
     Parses the file on its own (this clears and restores no other gin state: call it before, not after, a
     binary parses its own gin config).
@@ -304,11 +305,15 @@ def model_config(name: str, **overrides: object) -> T5Config:
     with gin.unlock_config():
         gin.clear_config()
         gin.parse_config_file(str(path))
+        from dss_jax import gemma
         from dss_jax import model as model_lib
 
-        bindings = gin.get_bindings(model_lib.T5Config)
+        t5_bindings = gin.get_bindings(model_lib.T5Config)
+        gemma_bindings = gin.get_bindings(gemma.GemmaConfig)
         gin.clear_config()
-    return T5Config(**{**bindings, **overrides})
+    if gemma_bindings and not t5_bindings:
+        return gemma.GemmaConfig(**{**gemma_bindings, **overrides})
+    return model_lib.T5Config(**{**t5_bindings, **overrides})
 
 
 def quiet_data_layer_imports() -> None:

@@ -12,14 +12,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from flax import traverse_util
 
-from dss_jax.model import T5, T5Config, shift_right
+from dss_jax.model import ModelConfig, build, shift_right
 
 Array = jax.Array
 
 
-def _init_cache(model: T5, params: Any, encoded: Array, enc_seg: Array, batch: int, max_len: int) -> Any:
+def _init_cache(model: nn.Module, params: Any, encoded: Array, enc_seg: Array, batch: int, max_len: int) -> Any:
     """The decode cache: empty self-attention slots for ``max_len`` tokens, and the cross-attention keys and
     values of ``encoded``, computed here once (a one-token pass) instead of at every generated token."""
     _, variables = model.apply(
@@ -29,7 +30,7 @@ def _init_cache(model: T5, params: Any, encoded: Array, enc_seg: Array, batch: i
         jnp.zeros((batch, 1), jnp.int32),
         decode=True,
         max_decode_length=max_len,
-        method=T5.decode,
+        method="decode",
         mutable=["cache"],
     )
     return variables["cache"]
@@ -70,7 +71,7 @@ def _filter_logits(logits: Array, temperature: Any, top_k: Any, top_p: Any) -> A
 def decode(
     params: Any,
     encoder_input_tokens: Array,
-    config: T5Config,
+    config: ModelConfig,
     max_decode_length: int,
     rng: Array | None = None,
     sample: bool = False,
@@ -79,10 +80,10 @@ def decode(
     top_p: float = 1.0,
 ) -> Array:
     """Decodes [batch, max_decode_length] tokens: the EOS token is kept, positions after it are 0 (pad)."""
-    model = T5(config)
+    model = build(config)
     batch = encoder_input_tokens.shape[0]
     enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")
     cross, cache = _split_cross(_init_cache(model, params, encoded, enc_seg, batch, max_decode_length))
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
@@ -101,7 +102,7 @@ def decode(
             jnp.full((batch, 1), i, jnp.int32),
             decode=True,
             max_decode_length=max_decode_length,
-            method=T5.decode,
+            method="decode",
             mutable=["cache"],
         )
         logits = logits[:, 0]
@@ -125,7 +126,7 @@ def decode(
 def decode_rows(
     params: Any,
     encoder_input_tokens: Array,
-    config: T5Config,
+    config: ModelConfig,
     max_decode_length: int,
     seeds: Array,
     temperature: Array,
@@ -137,10 +138,10 @@ def decode_rows(
     (batch, input length, ``max_decode_length``) compile, never the values. Row r with temperature 0 is greedy;
     otherwise step i samples with ``fold_in(PRNGKey(seeds[r]), i)``, so a row's tokens do not depend on the rows
     beside it. Row r stops at its EOS or after ``max_tokens[r]`` tokens; positions after that are 0 (pad)."""
-    model = T5(config)
+    model = build(config)
     batch = encoder_input_tokens.shape[0]
     enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")
     cross, cache = _split_cross(_init_cache(model, params, encoded, enc_seg, batch, max_decode_length))
     keys = jax.vmap(jax.random.PRNGKey)(seeds.astype(jnp.uint32))
     temperature = temperature.astype(jnp.float32)
@@ -161,7 +162,7 @@ def decode_rows(
             jnp.full((batch, 1), i, jnp.int32),
             decode=True,
             max_decode_length=max_decode_length,
-            method=T5.decode,
+            method="decode",
             mutable=["cache"],
         )
         logits = logits[:, 0].astype(jnp.float32)
@@ -180,9 +181,9 @@ def decode_rows(
     return jax.lax.while_loop(cond, body, state)[2]
 
 
-def greedy_decode_reference(params: Any, encoder_input_tokens: Array, config: T5Config, max_decode_length: int) -> Array:
+def greedy_decode_reference(params: Any, encoder_input_tokens: Array, config: ModelConfig, max_decode_length: int) -> Array:
     """Greedy decoding that re-runs the full teacher-forced model on the whole prefix at every step."""
-    model = T5(config)
+    model = build(config)
     apply = jax.jit(lambda p, e, d: model.apply({"params": p}, e, d))
     batch = encoder_input_tokens.shape[0]
     tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
@@ -216,16 +217,16 @@ def _gather_beams(tree: Any, beam_idx: Array, batch: int, beams: int, batch_axis
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "num_beams", "alpha"))
 def beam_search(
-    params: Any, encoder_input_tokens: Array, config: T5Config, max_decode_length: int, num_beams: int = 4, alpha: float = 0.6
+    params: Any, encoder_input_tokens: Array, config: ModelConfig, max_decode_length: int, num_beams: int = 4, alpha: float = 0.6
 ) -> tuple[Array, Array]:
     """Beam search with a length penalty; returns (tokens [batch, beams, length] best first, scores [batch, beams]).
 
     A hypothesis ends at its EOS token; the loop stops when no live beam can still beat the finished ones.
     """
-    model = T5(config)
+    model = build(config)
     batch, k, vocab = encoder_input_tokens.shape[0], num_beams, config.vocab_size
     enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)  # once per input
+    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")  # once per input
     encoded, enc_seg = jnp.repeat(encoded, k, axis=0), jnp.repeat(enc_seg, k, axis=0)
     cache = _init_cache(model, params, encoded, enc_seg, batch * k, max_decode_length)
     cache_axis = 1 if config.scan_layers else 0
@@ -248,7 +249,7 @@ def beam_search(
             jnp.full((batch * k, 1), i, jnp.int32),
             decode=True,
             max_decode_length=max_decode_length,
-            method=T5.decode,
+            method="decode",
             mutable=["cache"],
         )
         logp = jax.nn.log_softmax(logits[:, 0]).reshape(batch, k, vocab)
@@ -293,9 +294,9 @@ def beam_search(
     return seqs, scores
 
 
-def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, config: T5Config) -> Array:
+def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, config: ModelConfig) -> Array:
     """Teacher-forced log probability of each row of ``tokens`` (through its EOS), for tests and rescoring."""
-    model = T5(config)
+    model = build(config)
     logits = model.apply({"params": params}, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
     after_eos = jnp.cumsum(tokens == config.eos_token_id, axis=1) - (tokens == config.eos_token_id)
@@ -303,15 +304,15 @@ def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, c
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def choice_log_probs(params: Any, encoder_input_tokens: Array, choice_tokens: Array, config: T5Config) -> Array:
+def choice_log_probs(params: Any, encoder_input_tokens: Array, choice_tokens: Array, config: ModelConfig) -> Array:
     """Rank classification's scores: the summed log probability of each candidate target, as seqio's
     rank-classification scores them (no length normalisation). ``choice_tokens`` is [batch, choices, length],
     each row a choice's tokens through its EOS, 0-padded; an all-zero row scores -inf. Each input is encoded once
     and its encoding shared by its choices."""
-    model = T5(config)
+    model = build(config)
     b, c, t = choice_tokens.shape
     enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method=T5.encode)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")
     encoded = jnp.repeat(encoded, c, axis=0)
     targets = choice_tokens.reshape(b * c, t)
     logits = model.apply(
@@ -319,7 +320,7 @@ def choice_log_probs(params: Any, encoder_input_tokens: Array, choice_tokens: Ar
         encoded,
         jnp.repeat(enc_seg, c, axis=0),
         shift_right(targets, config.decoder_start_token_id),
-        method=T5.decode,
+        method="decode",
     )
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], axis=-1)[..., 0]
     scores = jnp.sum(jnp.where(targets > 0, lp, 0.0), axis=1).reshape(b, c)

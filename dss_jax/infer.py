@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from dss_jax import checkpoints, decoding
-from dss_jax.model import T5Config
+from dss_jax.model import ModelConfig
 
 
 @dataclasses.dataclass
@@ -101,7 +101,7 @@ class Predictor:
         if not cfg_file.is_file():
             raise ModelDirError(f"{cfg_file} not found: {RERUN_TRAIN}")
         try:
-            self.config: T5Config = checkpoints.read_config(model_dir).replace(dtype="float32")
+            self.config: ModelConfig = checkpoints.read_config(model_dir).replace(dtype="float32")
         except ValueError as e:
             raise ModelDirError(f"{e}: {RERUN_TRAIN}") from None
         self.format: dict[str, Any] = read_inference_format(model_dir)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ from flax import linen as nn
 
 from dss_jax import attention as attn
 from dss_jax.attention import relative_position_bucket  # noqa: F401  (re-exported: model.relative_position_bucket)
+
+if TYPE_CHECKING:
+    from dss_jax.gemma import GemmaConfig
 
 Array = jax.Array
 
@@ -33,6 +36,7 @@ NEG_INF = -1e10
 class T5Config:
     """Architecture and numerics of a T5 model; field names follow Hugging Face's ``T5Config``."""
 
+    family: ClassVar[str] = "t5"  # the model family (see build); not stored: old dss_config.json files have none
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
@@ -82,6 +86,23 @@ class T5Config:
     @property
     def gated(self) -> bool:
         return self.feed_forward_proj == "gated-gelu"
+
+    def train_flops_per_token(self, inputs_length: int, targets_length: int) -> float:
+        """Approximate training FLOPs per target token (6 x matmul params, plus attention), for MFU reports."""
+        d, h, kv, ff = self.d_model, self.num_heads, self.d_kv, self.d_ff
+        attn_params = 4 * d * h * kv
+        mlp = (3 if self.gated else 2) * d * ff
+        enc = self.num_encoder_layers * (attn_params + mlp)
+        dec = self.num_decoder_layers * (2 * attn_params + mlp) + d * self.vocab_size
+        ratio = inputs_length / max(targets_length, 1)
+        matmul = enc * ratio + dec
+        attn_scores = (
+            2
+            * h
+            * kv
+            * (self.num_encoder_layers * inputs_length * ratio + self.num_decoder_layers * (targets_length + inputs_length))
+        )
+        return 6.0 * matmul + 6.0 * attn_scores
 
     def replace(self, **changes: Any) -> T5Config:
         return dataclasses.replace(self, **changes)
@@ -519,15 +540,40 @@ class T5(nn.Module):
         return self.decode(encoded, enc_seg, decoder_input_tokens, decoder_segment_ids, None, deterministic)
 
 
+# Either family's config: everything outside model.py / gemma.py / convert.py takes this and calls build().
+ModelConfig = Union[T5Config, "GemmaConfig"]
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    """The model of a config's family: ``T5`` for T5Config, ``gemma.T5Gemma`` for GemmaConfig."""
+    if cfg.family == "t5":
+        return T5(cfg)
+    from dss_jax import gemma
+
+    return gemma.T5Gemma(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A config from its ``to_dict()`` (e.g. dss_config.json); ``family`` picks the class, absent means T5."""
+    family = d.get("family", "t5")
+    if family == "t5":
+        return T5Config.from_dict({k: v for k, v in d.items() if k != "family"})
+    from dss_jax import gemma
+
+    if family not in gemma.FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {('t5',) + gemma.FAMILIES}")
+    return gemma.GemmaConfig.from_dict(d)
+
+
 def shift_right(targets: np.ndarray | Array, start_id: int = 0) -> Array:
     """Decoder inputs from targets: start token, then targets without their last token."""
     targets = jnp.asarray(targets)
     return jnp.concatenate([jnp.full_like(targets[:, :1], start_id), targets[:, :-1]], axis=1)
 
 
-def init_params(config: T5Config, rng: Array, batch: int = 1, enc_len: int = 8, dec_len: int = 8) -> dict:
+def init_params(config: ModelConfig, rng: Array, batch: int = 1, enc_len: int = 8, dec_len: int = 8) -> dict:
     """Initialises unboxed parameters (for tests and from-scratch training without a mesh)."""
-    model = T5(config)
+    model = build(config)
     variables = model.init(rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32))
     return nn.meta.unbox(variables["params"])
 

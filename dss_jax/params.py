@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dss_jax.model import T5, T5Config
+from dss_jax.model import ModelConfig, build
 
 Params = dict[str, Any]
 Flat = dict[str, np.ndarray]
@@ -46,14 +46,14 @@ def unflatten(flat: Flat) -> Params:
     return tree
 
 
-def abstract_boxed_params(cfg: T5Config) -> Any:
+def abstract_boxed_params(cfg: ModelConfig) -> Any:
     """The config's parameter tree as shapes with logical-axis boxes (nothing allocated), in its own layout."""
-    model = T5(cfg)
+    model = build(cfg)
     dummy = jnp.ones((1, 8), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
 
 
-def expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter paths and shapes of ``cfg``'s tree in its own layout (stacked when ``cfg.scan_layers``)."""
     from flax import linen as nn
 
@@ -71,7 +71,7 @@ def check_shapes(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...
         raise CheckpointMismatchError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
 
 
-def check_tree(flat: Flat, cfg: T5Config, source: str) -> None:
+def check_tree(flat: Flat, cfg: ModelConfig, source: str) -> None:
     """``flat`` (unscanned layout) against the unscanned tree of ``cfg``."""
     check_shapes({k: tuple(v.shape) for k, v in flat.items()}, expected_shapes(cfg.replace(scan_layers=False)), source)
 

@@ -191,8 +191,10 @@ def apply_partitioning_gin(args: argparse.Namespace, name: str) -> None:
     args.data = int(v["partitioning.MeshConfig.data"])
     args.fsdp = int(v["partitioning.MeshConfig.fsdp"])
     args.model_parallel = int(v["partitioning.MeshConfig.model"])
-    args.remat = str(v["model.T5Config.remat_policy"])
-    args.no_scan = not bool(v["model.T5Config.scan_layers"])
+    # a partitioning file binds the numerics of whichever config class its models use
+    cls = "model.T5Config" if "model.T5Config.remat_policy" in v else "gemma.GemmaConfig"
+    args.remat = str(v[f"{cls}.remat_policy"])
+    args.no_scan = not bool(v[f"{cls}.scan_layers"])
 
 
 def main(argv: list[str] | None = None) -> int:

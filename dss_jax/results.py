@@ -72,9 +72,11 @@ def collect(root: Path) -> list[dict[str, Any]]:
             from dss_jax.checkpoints import read_config
             from dss_jax.params import abstract_boxed_params
 
-            row["params_m"] = round(
-                sum(x.size for x in jax.tree_util.tree_leaves(abstract_boxed_params(read_config(d)))) / 1e6, 2
-            )
+            cfg = read_config(d)
+            row["params_m"] = round(sum(x.size for x in jax.tree_util.tree_leaves(abstract_boxed_params(cfg))) / 1e6, 2)
+            # runs of a T5Gemma family bind gemma.GemmaConfig, not the T5 names above
+            row["d_model"] = row["d_model"] if row["d_model"] is not None else cfg.d_model
+            row["num_layers"] = row["num_layers"] if row["num_layers"] is not None else cfg.num_encoder_layers
         val = summary.get("validation") or {}
         test = summary.get("test") or {}
         row["validation_accuracy"] = next((v for k, v in val.items() if k.endswith("/accuracy")), None)

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dss_jax import checkpoints, trainer
-from dss_jax.model import T5Config
+from dss_jax.model import ModelConfig
 
 log = logging.getLogger("dss_jax.train")
 
@@ -55,7 +55,7 @@ def save(
     step: int,
     state: trainer.TrainState,
     train_iter: Any,
-    model_config: T5Config,
+    model_config: ModelConfig,
     accuracy: float | None,
 ) -> None:
     """Saves the data position (with its digest), then the state with its checksums (committed together, so no

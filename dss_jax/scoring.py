@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from dss_jax import decoding, partitioning
-from dss_jax.model import T5Config
+from dss_jax.model import ModelConfig
 
 log = logging.getLogger("dss_jax.scoring")
 TEACHER_FORCED = "exact_match_teacher_forced"
@@ -27,7 +27,7 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def decoded_scores(
-    params: Any, cfg: T5Config, data: Any, split: str, batches: list[dict[str, np.ndarray]], local_batch: int, bsharding: Any
+    params: Any, cfg: ModelConfig, data: Any, split: str, batches: list[dict[str, np.ndarray]], local_batch: int, bsharding: Any
 ) -> dict[str, float]:
     """Greedy-decode the label task's ``batches`` of ``split`` and score them with the task's metric."""
     max_len = int(getattr(data, "targets_length", 64))
@@ -41,7 +41,7 @@ def decoded_scores(
 
 
 def rank_classify(
-    params: Any, cfg: T5Config, inputs: np.ndarray, choices: list[list[list[int]]], batch_size: int = 32, sharding: Any = None
+    params: Any, cfg: ModelConfig, inputs: np.ndarray, choices: list[list[list[int]]], batch_size: int = 32, sharding: Any = None
 ) -> np.ndarray:
     """Index of the most likely candidate per input row: ``inputs`` [n, length] encoder tokens, ``choices[i]`` the
     token lists (each through EOS) of row i's candidates. Ties go to the first listed. Runs in batches of
@@ -67,7 +67,7 @@ def rank_classify(
 
 
 def rank_scores(
-    params: Any, cfg: T5Config, data: Any, split: str, batches: list[dict[str, np.ndarray]], local_batch: int, bsharding: Any
+    params: Any, cfg: ModelConfig, data: Any, split: str, batches: list[dict[str, np.ndarray]], local_batch: int, bsharding: Any
 ) -> dict[str, float]:
     """Rank-classification accuracy of the label task's ``batches`` of ``split`` (empty when the task has no
     closed label set)."""
@@ -85,7 +85,7 @@ def can_decode(data: Any) -> bool:
 
 
 def use_task_metric(
-    metrics: dict[str, float], params: Any, cfg: T5Config, data: Any, split: str, sets: dict, local_batch: int, bsharding: Any
+    metrics: dict[str, float], params: Any, cfg: ModelConfig, data: Any, split: str, sets: dict, local_batch: int, bsharding: Any
 ) -> dict[str, float]:
     """Replaces the selection task's teacher-forced accuracy by the task metric where they differ (SVAMP)."""
     sel = data.selection_task
@@ -116,7 +116,7 @@ def metrics_with_row(metrics: dict[str, float], data: Any, row: dict[str, Any]) 
 
 
 def with_rank_accuracy(
-    metrics: dict[str, float], params: Any, cfg: T5Config, data: Any, split: str, sets: dict, local_batch: int, bsharding: Any
+    metrics: dict[str, float], params: Any, cfg: ModelConfig, data: Any, split: str, sets: dict, local_batch: int, bsharding: Any
 ) -> dict[str, float]:
     """Adds ``<task>/rank_accuracy`` when the data asks for rank classification (``rank_classification``)."""
     sel = data.selection_task
@@ -128,7 +128,7 @@ def with_rank_accuracy(
 
 def split_report(
     params: Any,
-    cfg: T5Config,
+    cfg: ModelConfig,
     data: Any,
     split: str,
     sets: dict,

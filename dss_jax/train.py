@@ -38,7 +38,7 @@ from dss_jax import (
     scoring,
     trainer,
 )
-from dss_jax.model import T5Config
+from dss_jax.model import ModelConfig
 
 log = logging.getLogger("dss_jax.train")
 
@@ -74,7 +74,7 @@ class _StopFlag:
         log.warning("signal %d: saving a checkpoint at the end of this step, then exiting", signum)
 
 
-def write_run_files(model_dir: Path, model_config: T5Config, data: DataSource) -> None:
+def write_run_files(model_dir: Path, model_config: ModelConfig, data: DataSource) -> None:
     """What the eval and infer binaries need beside the checkpoints: gin config, model config, vocabulary,
     and the input format (task prefixes, lengths)."""
     import shutil
@@ -150,7 +150,7 @@ class Run:
     """What setup builds once and the loop and the final test read: the run's fixed parts."""
 
     model_dir: Path
-    model_config: T5Config
+    model_config: ModelConfig
     data: DataSource
     mesh: Any
     bsharding: Any
@@ -193,7 +193,7 @@ CALLED_LATER = ("partitioning.MeshConfig", "losses.LossConfig", "registry.mixtur
 @gin.configurable(denylist=["model_dir"])
 def train(
     model_dir: str,
-    model_config: T5Config = gin.REQUIRED,
+    model_config: ModelConfig = gin.REQUIRED,
     data: DataSource = gin.REQUIRED,
     optimizer: optax.GradientTransformation = gin.REQUIRED,
     num_steps: int = 10_000,
@@ -296,7 +296,7 @@ def _initial_state(run: Run, tx: optax.GradientTransformation, seed: int, init_c
 
 def setup(
     model_dir: Path,
-    model_config: T5Config,
+    model_config: ModelConfig,
     data: DataSource,
     tx: optax.GradientTransformation,
     *,

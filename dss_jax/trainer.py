@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from dss_jax import losses, partitioning
 from dss_jax.losses import LABEL_TASK_ID as LABEL
 from dss_jax.losses import RATIONALE_TASK_ID as RATIONALE
-from dss_jax.model import T5, T5Config
+from dss_jax.model import ModelConfig, build
 from dss_jax.params import abstract_boxed_params
 
 Batch = dict[str, jax.Array]
@@ -45,7 +45,7 @@ class StateLayout:
     boxed_params: Any
 
 
-def state_layout(cfg: T5Config, tx: optax.GradientTransformation, mesh: Mesh, rules: Any) -> StateLayout:
+def state_layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Any) -> StateLayout:
     boxed = abstract_boxed_params(cfg)
     abstract_params = nn.meta.unbox(boxed)
     p_shard = partitioning.params_shardings(boxed, mesh, rules)
@@ -59,9 +59,11 @@ def state_layout(cfg: T5Config, tx: optax.GradientTransformation, mesh: Mesh, ru
     return StateLayout(abstract, shardings, boxed)
 
 
-def init_state(cfg: T5Config, tx: optax.GradientTransformation, layout: StateLayout, seed: int, params: Any = None) -> TrainState:
+def init_state(
+    cfg: ModelConfig, tx: optax.GradientTransformation, layout: StateLayout, seed: int, params: Any = None
+) -> TrainState:
     """A fresh state born sharded: random params from ``seed``, or the given (pretrained) params."""
-    model = T5(cfg)
+    model = build(cfg)
 
     if params is None:
 
@@ -79,13 +81,26 @@ def init_state(cfg: T5Config, tx: optax.GradientTransformation, layout: StateLay
     return TrainState(jax.device_put(jnp.array(0, jnp.int32), layout.shardings.step), params, opt_state)
 
 
-def _forward(model: T5, params: Any, batch: Batch, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+def with_start_tokens(tokens: jax.Array, segment_ids: jax.Array | None, start_id: int) -> jax.Array:
+    """Decoder inputs whose segments begin with ``start_id``: seqio's feature converter starts each target
+    segment with 0 (T5's start token); T5Gemma's decoder starts with bos. A no-op when ``start_id`` is 0."""
+    if start_id == 0:
+        return tokens
+    if segment_ids is None:
+        first = jnp.arange(tokens.shape[1]) == 0
+        return jnp.where(first[None, :], start_id, tokens)
+    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
+    return jnp.where((segment_ids > 0) & (segment_ids != prev), start_id, tokens)
+
+
+def _forward(model: nn.Module, params: Any, batch: Batch, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+    dec_seg = batch.get("decoder_segment_ids")
     return model.apply(
         {"params": params},
         batch["encoder_input_tokens"],
-        batch["decoder_input_tokens"],
+        with_start_tokens(batch["decoder_input_tokens"], dec_seg, model.config.decoder_start_token_id),
         batch.get("encoder_segment_ids"),
-        batch.get("decoder_segment_ids"),
+        dec_seg,
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
     )
@@ -123,7 +138,7 @@ def train_step(
     state: TrainState,
     batch: Batch,
     *,
-    cfg: T5Config,
+    cfg: ModelConfig,
     tx: optax.GradientTransformation,
     loss_cfg: losses.LossConfig,
     microbatches: int,
@@ -141,7 +156,7 @@ def train_step(
     ``nonfinite_flags``), so the loop can stop before such a state is saved; with ``skip_nonfinite`` that update
     is not applied (parameters and optimizer state stay as they were) and the step counts as skipped.
     """
-    model = T5(cfg)
+    model = build(cfg)
     rng = jax.random.fold_in(seed_key, state.step)
     w = batch["decoder_loss_weights"].astype(jnp.float32)
     tids = batch["decoder_task_ids"]
@@ -227,13 +242,13 @@ def describe_nonfinite(flags: int) -> str:
     return (" and ".join(parts) or "nothing") + (" is" if len(parts) == 1 else " are") + " not finite"
 
 
-def eval_step(params: Any, batch: Batch, *, cfg: T5Config) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Batch, *, cfg: ModelConfig) -> dict[str, jax.Array]:
     """Sums for validation: per-task token losses and teacher-forced exact match of each (unpacked) row.
 
     Greedy decoding reproduces a target iff every teacher-forced argmax matches it through EOS, so the
     exact-match count equals what greedy decoding would score, at the cost of one forward pass.
     """
-    logits = _forward(T5(cfg), params, batch, True, None)
+    logits = _forward(build(cfg), params, batch, True, None)
     targets = batch["decoder_target_tokens"]
     w = batch["decoder_loss_weights"].astype(jnp.float32)
     tids = batch["decoder_task_ids"]
@@ -264,7 +279,7 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
 
 
 def jit_train_step(
-    cfg: T5Config,
+    cfg: ModelConfig,
     tx: optax.GradientTransformation,
     loss_cfg: losses.LossConfig,
     microbatches: int,
@@ -292,7 +307,7 @@ def jit_train_step(
     )
 
 
-def jit_eval_step(cfg: T5Config, layout: StateLayout, batch_sharding: NamedSharding, mesh: Mesh) -> Callable:
+def jit_eval_step(cfg: ModelConfig, layout: StateLayout, batch_sharding: NamedSharding, mesh: Mesh) -> Callable:
     return jax.jit(
         functools.partial(eval_step, cfg=cfg),
         in_shardings=(layout.shardings.params, batch_sharding),
@@ -300,16 +315,6 @@ def jit_eval_step(cfg: T5Config, layout: StateLayout, batch_sharding: NamedShard
     )
 
 
-def train_flops_per_token(cfg: T5Config, inputs_length: int, targets_length: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, inputs_length: int, targets_length: int) -> float:
     """Approximate training FLOPs per target token (6 x matmul params, plus attention), for MFU reports."""
-    d, h, kv, ff = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff
-    attn = 4 * d * h * kv
-    mlp = (3 if cfg.gated else 2) * d * ff
-    enc = cfg.num_encoder_layers * (attn + mlp)
-    dec = cfg.num_decoder_layers * (2 * attn + mlp) + d * cfg.vocab_size
-    ratio = inputs_length / max(targets_length, 1)
-    matmul = enc * ratio + dec
-    attn_scores = (
-        2 * h * kv * (cfg.num_encoder_layers * inputs_length * ratio + cfg.num_decoder_layers * (targets_length + inputs_length))
-    )
-    return 6.0 * matmul + 6.0 * attn_scores
+    return cfg.train_flops_per_token(inputs_length, targets_length)
