@@ -308,12 +308,18 @@ def model_config(name: str, **overrides: object) -> ModelConfig:
         from dss_jax import gemma
         from dss_jax import model as model_lib
 
-        t5_bindings = gin.get_bindings(model_lib.T5Config)
-        gemma_bindings = gin.get_bindings(gemma.GemmaConfig)
+        found = {cls: _bindings_if_registered(cls) for cls in (model_lib.T5Config, gemma.GemmaConfig)}
         gin.clear_config()
-    if gemma_bindings and not t5_bindings:
-        return gemma.GemmaConfig(**{**gemma_bindings, **overrides})
-    return model_lib.T5Config(**{**t5_bindings, **overrides})
+    cls = gemma.GemmaConfig if found[gemma.GemmaConfig] and not found[model_lib.T5Config] else model_lib.T5Config
+    return cls(**{**found[cls], **overrides})
+
+
+def _bindings_if_registered(cls: type) -> dict:
+    """gin's bindings of ``cls``; {} when the parsed files never name it (gin then has not registered it)."""
+    try:
+        return gin.get_bindings(cls)
+    except ValueError:
+        return {}
 
 
 def quiet_data_layer_imports() -> None:
