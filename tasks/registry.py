@@ -375,13 +375,15 @@ def _extract_single_task_label(text: str) -> str:
 
 
 def postprocess_label(output: str | bytes, example: dict | None = None, is_target: bool = False) -> str:
-    """Decoded text -> label text; for single-task outputs, the part after 'So the answer is'."""
+    """Decoded text -> label text, normalised as the gold labels are at load (``readers.normalize_label``); for
+    single-task outputs, the part after 'So the answer is'."""
     if isinstance(output, bytes):
         output = output.decode("utf-8", errors="replace")
     if is_target and example is not None and "label_pretokenized" in example:
         label = example["label_pretokenized"]
         return label.decode("utf-8") if isinstance(label, bytes) else str(label)
-    return _extract_single_task_label(output) if SINGLE_TASK_SEPARATOR.strip() in output else output.strip()
+    label = _extract_single_task_label(output) if SINGLE_TASK_SEPARATOR.strip() in output else output
+    return readers.normalize_label(label)
 
 
 def accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:
