@@ -36,6 +36,7 @@ import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from dss_jax.losses import LABEL_TASK_ID, RATIONALE_TASK_ID
 from dss_jax.tasks import arithmetic, quality, readers, tfds_builder
@@ -156,7 +157,9 @@ class Source:
     def tf_dataset(self, split: str, shuffle_files: bool) -> tf.data.Dataset:
         if self.benchmark:
             b = tfds_builder.builder(self.benchmark, self.data_dir)
-            return b.as_dataset(split=split, shuffle_files=shuffle_files)
+            # no TFDS auto-cache: evaluations read parts of a split (a train subset, max_eval_examples) and a short
+            # run part of an epoch, and TensorFlow warns each time a cache is left half-read; the files are small
+            return b.as_dataset(split=split, shuffle_files=shuffle_files, read_config=tfds.ReadConfig(try_autocache=False))
         rows = [e.table_row() for e in self.examples(split)]
         cols = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
         return tf.data.Dataset.from_tensor_slices({k: tf.constant(v) for k, v in cols.items()})
