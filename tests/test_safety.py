@@ -225,6 +225,20 @@ def test_dss_eval_on_an_old_model_dir_says_how_to_proceed_and_runs_nothing(train
 
 
 @pytest.mark.slow
+def test_dss_eval_on_a_model_dir_without_its_model_config_names_the_file_and_the_way_back(trained, tmp_path):
+    """A copy of a model dir that lost dss_config.json: one line naming it and how to get it back (before: "not a
+    dss_jax pretrained checkpoint (make one with dss-convert)", which is about pretrained checkpoints)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns("eval"))
+    (copy / "dss_config.json").unlink()
+    r = _cli("dss_jax.evaluate", f"--model_dir={copy}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr, "dss-eval")
+    assert f"{copy / 'dss_config.json'} not found" in line and "dss-convert" not in line and "dss-train" in line
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
 def test_dss_eval_rejects_overrides_it_never_reads(trained):
     """The model config comes from dss_config.json and the data from the data spec: overriding either through gin
     would change nothing."""
