@@ -85,6 +85,7 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
     """A short CQA run with the in-loop option reports rank accuracy per split; dss-eval's flag reproduces the
     validation number from the same checkpoint, and every ranked prediction is one of the input's choices."""
     env = {**xla_env(1), "DSS_DATA_DIR": str(SHARED_DATA), "DSS_TFDS_DIR": os.environ.get("DSS_TFDS_DIR", str(tmp_path / "tfds"))}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it: TensorFlow's C++ warnings are not silenced
     model_dir = tmp_path / "cqa"
     train = [
         sys.executable,
