@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import difflib
 import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -119,6 +122,106 @@ def parse_gin(files: list[str], bindings: list[str], finalize: bool = True) -> N
     if unused:
         print(f"error in gin config: {unused}", file=sys.stderr)
         raise SystemExit(2)
+    wrong = binding_type_errors()
+    if wrong:
+        print(f"error in gin config: {'; '.join(wrong)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+_UNKNOWN = object()
+
+
+def _resolve_macros(value: object, config: dict, seen: tuple[str, ...] = ()) -> tuple[object, str | None]:
+    """(the value with a macro reference followed to its bound value, the last macro followed or None);
+    ``_UNKNOWN`` for other references (``@f()``: a call's result) and unbound macros."""
+    macro = None
+    while isinstance(value, gin.config.ConfigurableReference):
+        if value.selector != "gin.macro":
+            return _UNKNOWN, macro
+        macro = value.config_key[0]
+        if macro in seen or "value" not in config.get((macro, "gin.macro"), {}):
+            return _UNKNOWN, macro
+        seen = (*seen, macro)
+        value = config[(macro, "gin.macro")]["value"]
+    return value, macro
+
+
+def _value_fits(value: object, hint: object) -> bool:
+    """Whether a plain gin value fits a parameter's annotation. int, float, bool, str, None, Literal, callables and
+    unions of them are checked; any other annotation (a class, a container) accepts everything."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_fits(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is collections.abc.Callable or origin is collections.abc.Callable:
+        return callable(value)
+    return True
+
+
+def _is_plain(value: object) -> bool:
+    return isinstance(value, (bool, int, float, str, type(None)))
+
+
+def _type_name(hint: object) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if hint is collections.abc.Callable or typing.get_origin(hint) is collections.abc.Callable:
+        return "a callable (a gin reference such as @module.fn())"
+    return {float: "a number", int: "an integer", bool: "True or False", str: "a string"}.get(hint, str(hint))
+
+
+def _parameter_hints(fn: object) -> dict[str, object]:
+    """The resolved annotations of a configurable's parameters (a class: its ``__init__``'s); {} when they do not
+    resolve."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve is simply not checked
+        return {}
+
+
+def binding_type_errors() -> list[str]:
+    """``name = value (where it was written): expected TYPE`` for each parsed binding whose value does not fit the
+    annotation of the parameter it binds (``train.train.batch_size = 'x'``), so the job stops before it makes
+    anything rather than with a traceback deep inside it. Macros are followed to their values; references to
+    calls (``@f()``) are not checked."""
+    config = gin.config._CONFIG  # noqa: SLF001 - gin lists no bindings publicly
+    out = []
+    for (scope, selector), params in list(config.items()):
+        if selector == "gin.macro":
+            continue
+        configurable = gin.config._REGISTRY.get_match(selector)  # noqa: SLF001
+        if configurable is None:
+            continue
+        hints = _parameter_hints(configurable.wrapped)
+        for arg, raw in params.items():
+            if arg not in hints:
+                continue
+            value, macro = _resolve_macros(raw, config)
+            if value is _UNKNOWN or not _is_plain(value) or _value_fits(value, hints[arg]):
+                continue
+            name, origin, _ = _ORIGINS.get((scope, selector, arg), (f"{selector}.{arg}", "", None))
+            if macro is not None:
+                m_name, m_origin, _ = _ORIGINS.get((macro, "gin.macro", "value"), (f"macro {macro}", "", None))
+                name, origin = f"{name} = %{macro}", f"{m_name}: {m_origin}" if m_origin else m_name
+            out.append(f"{name} = {value!r}{f' ({origin})' if origin else ''}: expected {_type_name(hints[arg])}")
+    return out
 
 
 def _macro_references(value: object, out: set[str]) -> None:

@@ -72,6 +72,18 @@ def _load_data(model_dir: Path, files: list[str], bindings: list[str], trust_con
     return pipeline.SeqioData.from_spec(spec, vocab.load_vocabulary(model_dir / "spiece.model"))
 
 
+def _check_model_config(model_dir: Path) -> None:
+    """A model dir without its model config is a copy that lost a file: say which, and how to get it back (it is not
+    a pretrained checkpoint for dss-convert to make)."""
+    f = model_dir / checkpoints.CONFIG_FILE
+    if model_dir.is_dir() and not f.exists():
+        raise FileNotFoundError(
+            f"{f} not found: dss-train writes this model config into every model dir it trains. Copy it from the "
+            f"run's own model dir, or rerun the run's dss-train command with --model_dir={model_dir} (it resumes and "
+            "writes its run files again)"
+        )
+
+
 def evaluate_step_dir(
     step_dir: Path,
     model_dir: Path,
@@ -220,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else model_dir / "eval"
     try:
         data = _load_data(model_dir, files, bindings, args.trust_config_gin)
+        _check_model_config(model_dir)
         # a binding that nothing reads is an error (the mesh is made per checkpoint; a trusted config.gin is the
         # training run's, mostly unread here)
         configs.check_bindings_read("dss-eval", pending=["partitioning.MeshConfig"], exempt_files=[model_dir / "config.gin"])

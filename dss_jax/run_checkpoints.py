@@ -2,16 +2,22 @@
 
 ``checkpoints/<step>/`` holds the Orbax train state, its meta (step, model config) and the per-array checksums;
 ``data/<step>/process_<i>`` the data iterator's position at that step (with a file digest), pruned with its
-checkpoint; ``damaged/`` the steps that failed their checksums at resume, moved aside for inspection.
+checkpoint; ``damaged/`` the steps that failed their checksums at resume, moved aside for inspection; ``.lock`` the flock that makes
+one dss-train the dir's only writer.
 (``checkpoints.py`` reads parameters out of these for eval, infer and export; this module is the trainer's side.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import logging
+import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,60 @@ from dss_jax import checkpoints, trainer
 from dss_jax.model import ModelConfig
 
 log = logging.getLogger("dss_jax.train")
+
+
+LOCK_FILE = ".lock"
+
+
+class ModelDirBusyError(RuntimeError):
+    """Another dss-train holds the model dir: two writers would train over each other's checkpoints and metrics."""
+
+
+@contextlib.contextmanager
+def exclusive(model_dir: Path) -> Iterator[None]:
+    """Holds ``model_dir/.lock`` (``fcntl.flock``, exclusive, not waiting) for the body, or raises ModelDirBusyError
+    naming the holder (pid, host, since when) that the file records.
+
+    The kernel drops an flock when its process dies, SIGKILL included, so a killed run's lock never blocks the next
+    run; the file itself stays (unlinking it would let two writers lock two different files). Multi-host runs: process
+    0 holds it and every process learns the outcome, so all stop together."""
+    handle = None
+    holder = ""
+    if jax.process_index() == 0:
+        handle = open(model_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the body
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "holder not recorded yet"
+            handle.close()
+            handle = None
+        else:
+            since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n")
+            handle.flush()
+    if not _from_process_0(handle is not None or jax.process_index() != 0):
+        raise ModelDirBusyError(
+            f"{model_dir} is being written by another dss-train ({holder or 'see process 0'}): wait for it to end or "
+            "stop it, or give this run another --model_dir"
+        )
+    try:
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def _from_process_0(ok: bool) -> bool:
+    """Process 0's ``ok`` on every process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.array(ok)))
 
 
 def make_manager(model_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -111,7 +171,12 @@ def _read_step(manager: ocp.CheckpointManager, model_dir: Path, step: int, layou
     try:
         state = restore_state(manager, step, layout)
         legacy = not checkpoints.checksums_expected(model_dir / "checkpoints" / str(step))
-        checkpoints.verify_file_digests(data_path(model_dir, step), step, legacy)
+        position = Path(data_path(model_dir, step))
+        if not legacy and not position.parent.is_dir():  # every save writes it, with a digest record at least
+            raise checkpoints.CheckpointDamagedError(
+                f"checkpoint step {step}: its data-iterator state {position.parent} is missing"
+            )
+        checkpoints.verify_file_digests(position, step, legacy)
         return state, None
     except checkpoints.CheckpointDamagedError as e:
         return None, e

@@ -221,52 +221,97 @@ def train(
     Returns the summary (``summary.json``): the checkpoint selected on validation scored on a train subset
     (``report_train_examples``), validation and test. ``input_shards``: training-data shards (default: processes).
     """
-    # a gin binding that nothing reads is an error: checked here, before the model dir is made, and again below
-    configs.check_bindings_read("dss-train", pending=CALLED_LATER)
-    run, loop = setup(
-        Path(model_dir).resolve(),
-        model_config,
-        data,
-        optimizer,
-        batch_size=batch_size,
-        microbatches=microbatches,
-        seed=seed,
-        init_checkpoint=init_checkpoint,
-        eval_every=eval_every,
-        keep_checkpoints=keep_checkpoints,
-        async_checkpoints=async_checkpoints,
-        mesh_config=mesh_config,
-        loss_config=loss_config,
-        input_shards=input_shards,
-        on_nonfinite=on_nonfinite,
-    )
-    configs.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
-    writer = metrics_log.MetricsWriter(run.model_dir, int(jax.device_get(loop.state.step)))
-    train_loop(run, Schedule(num_steps, log_every, eval_every, checkpoint_every), loop, writer, progress)
-    if loop.stopped_at is not None:
-        return {"stopped_at": loop.stopped_at}
-    summary = _summary(run, num_steps, loop)
-    if evaluate_test and summary["best_step"] is not None:
-        summary.update(test_on_best(run, summary["best_step"], report_train_examples))
-    if jax.process_index() == 0:
-        run_report.plot_losses(run.model_dir)
-        (run.model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    writer.close()
-    run.manager.close()
+    model_dir_path = Path(model_dir).resolve()
+    # the configuration is checked before the model dir is made or locked: a bad value leaves nothing behind
+    _check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
+    _check_schedule(num_steps, eval_every, checkpoint_every, keep_checkpoints, log_every)
+    _check_mesh(batch_size, mesh_config)
+    configs.check_bindings_read("dss-train", pending=CALLED_LATER)  # a binding nothing reads (checked again below)
+    _make_model_dir(model_dir_path)
+    with run_checkpoints.exclusive(model_dir_path):  # one writer per model dir, until this run ends or dies
+        run, loop = setup(
+            model_dir_path,
+            model_config,
+            data,
+            optimizer,
+            batch_size=batch_size,
+            microbatches=microbatches,
+            seed=seed,
+            init_checkpoint=init_checkpoint,
+            eval_every=eval_every,
+            keep_checkpoints=keep_checkpoints,
+            async_checkpoints=async_checkpoints,
+            mesh_config=mesh_config,
+            loss_config=loss_config,
+            input_shards=input_shards,
+            on_nonfinite=on_nonfinite,
+        )
+        configs.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
+        writer = metrics_log.MetricsWriter(run.model_dir, int(jax.device_get(loop.state.step)))
+        train_loop(run, Schedule(num_steps, log_every, eval_every, checkpoint_every), loop, writer, progress)
+        if loop.stopped_at is not None:
+            return {"stopped_at": loop.stopped_at}
+        summary = _summary(run, num_steps, loop)
+        if evaluate_test and summary["best_step"] is not None:
+            summary.update(test_on_best(run, summary["best_step"], report_train_examples))
+        if jax.process_index() == 0:
+            run_report.plot_losses(run.model_dir)
+            (run.model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        writer.close()
+        run.manager.close()
     return summary
+
+
+def _make_model_dir(model_dir: Path) -> None:
+    """Makes the model dir (and its parents), or a ValueError saying why it cannot be one."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ValueError(f"--model_dir={model_dir} is a file, not a directory: give a directory (it is made if missing)")
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--model_dir={model_dir} cannot be made ({e.strerror}: {e.filename})") from None
+
+
+def _check_schedule(num_steps: int, eval_every: int, checkpoint_every: int, keep_checkpoints: int, log_every: int) -> None:
+    """A ValueError naming the first binding out of range: steps and counts are at least 1, intervals at least 0."""
+    for name, value, low in (
+        ("num_steps", num_steps, 1),
+        ("keep_checkpoints", keep_checkpoints, 1),
+        ("eval_every", eval_every, 0),
+        ("checkpoint_every", checkpoint_every, 0),
+        ("log_every", log_every, 0),
+    ):
+        if value < low:
+            raise ValueError(f"train.train.{name}={value}: must be {low} or more")
+
+
+def _check_mesh(batch_size: int, mesh_config: partitioning.MeshConfig | None) -> None:
+    """The batch must split over the mesh's data x fsdp devices (checked before anything is written)."""
+    mesh_config = mesh_config or partitioning.MeshConfig()
+    mesh = partitioning.make_mesh(mesh_config)
+    dp = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    if batch_size % dp:
+        raise ValueError(f"train.train.batch_size={batch_size} must divide by the mesh's data x fsdp size ({dp})")
 
 
 def _check_sizes(batch_size: int, microbatches: int, input_shards: int | None, on_nonfinite: str) -> tuple[int, int]:
     """(rows per process, input shards per process), or a ValueError naming the binding."""
     nproc = jax.process_count()
+    for name, value in (("batch_size", batch_size), ("microbatches", microbatches), ("input_shards", input_shards or 1)):
+        if value < 1:
+            raise ValueError(f"train.train.{name}={value}: must be 1 or more")
     if batch_size % (nproc * microbatches):
-        raise ValueError(f"train.batch_size={batch_size} must divide by processes ({nproc}) x microbatches ({microbatches})")
+        raise ValueError(
+            f"train.train.batch_size={batch_size} must divide by processes ({nproc}) x microbatches ({microbatches})"
+        )
     local_batch = batch_size // nproc
     shards = input_shards or nproc
     if shards % nproc or local_batch % (shards // nproc):
-        raise ValueError(f"train.input_shards={shards} must be a multiple of the processes ({nproc}) and divide the local batch")
+        raise ValueError(
+            f"train.train.input_shards={shards} must be a multiple of the processes ({nproc}) and divide the local batch"
+        )
     if on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
+        raise ValueError(f"train.train.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
     return local_batch, shards // nproc
 
 
@@ -312,15 +357,13 @@ def setup(
     input_shards: int | None,
     on_nonfinite: str,
 ) -> tuple[Run, LoopState]:
-    """Mesh, shardings, compiled steps, checkpoint manager, data iterators and the starting state."""
+    """Mesh, shardings, compiled steps, checkpoint manager, data iterators and the starting state (in ``model_dir``,
+    made and locked by the caller)."""
     mesh_config = mesh_config or partitioning.MeshConfig()
     local_batch, per_process = _check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
-    model_dir.mkdir(parents=True, exist_ok=True)
     mesh = partitioning.make_mesh(mesh_config)
     layout = trainer.state_layout(model_config, tx, mesh, mesh_config.rules)
     bsharding = partitioning.batch_sharding(mesh, mesh_config.rules)
-    if batch_size % math.prod(bsharding.mesh.shape[a] for a in ("data", "fsdp")):
-        raise ValueError(f"train.batch_size={batch_size} must divide by the mesh's data x fsdp size")
     skip = on_nonfinite == "skip"
     step_fn = trainer.jit_train_step(
         model_config, tx, loss_config or losses.LossConfig(), microbatches, seed, layout, bsharding, mesh, skip_nonfinite=skip
@@ -527,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"dss-train: {e}", file=sys.stderr)
         return 3
+    except run_checkpoints.ModelDirBusyError as e:
+        print(f"dss-train: error: {configs.error_text(e)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:  # bad config or data: gin's message names the binding
         print(f"dss-train: error: {configs.error_text(e)}", file=sys.stderr)
         return 2

@@ -31,6 +31,12 @@ CARVE_FRACTION = 0.1
 CARVE_SEED = 0
 
 
+def normalize_label(text: str) -> str:
+    """A label as it trains and as it is scored: whitespace runs (newlines, tabs, double spaces) collapsed to one
+    space, ends stripped. SentencePiece decodes whitespace this way, so a label kept raw could never be matched."""
+    return " ".join(text.split())
+
+
 class DataFormatError(ValueError):
     """Malformed data: the message names the file and line."""
 
@@ -163,7 +169,8 @@ FORMATS = {
 
 
 def read_disk_split(data_dir: Path, benchmark: str, disk_split: str) -> list[Example]:
-    """All examples of one released split file (with teacher outputs when present)."""
+    """All examples of one released split file (with teacher outputs when present); labels normalised
+    (:func:`normalize_label`)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {BENCHMARKS}")
     gold_file = data_dir / benchmark / f"{benchmark}_{disk_split}.json"
@@ -179,11 +186,13 @@ def read_disk_split(data_dir: Path, benchmark: str, disk_split: str) -> list[Exa
             text, text_b, label = fmt(row)
         except (ValueError, TypeError, KeyError) as e:
             raise DataFormatError(f"{gold_file}:{i + 1}: {e}") from None
+        label = normalize_label(label)
         if completions is None:
             out.append(Example(i, text, text_b, label))
             continue
         p = parse(completions[i])
-        out.append(Example(i, text, text_b, label, p.rationale, p.label, has_teacher=True, parse_ok=p.ok))
+        llm_label = normalize_label(p.label)
+        out.append(Example(i, text, text_b, label, p.rationale, llm_label, has_teacher=True, parse_ok=p.ok))
     return out
 
 
@@ -232,7 +241,8 @@ def _rationales(row: dict, path: Path, lineno: int) -> tuple[str, tuple[str, ...
 def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
     """Users' own data: JSON Lines with ``input``, ``label`` and optionally ``rationale`` (or a list
     ``rationales``: several teacher rationales for the input), ``llm_label`` and ``input_b`` (a second segment
-    joined to the input by EOS, as the NLI hypothesis; dss-teacher writes it)."""
+    joined to the input by EOS, as the NLI hypothesis; dss-teacher writes it). Labels are normalised
+    (:func:`normalize_label`) here, once, for training and scoring alike."""
     path = Path(path)
     out = []
     for i, (lineno, row) in enumerate(read_jsonl_lines(path, ("input", "label"))):
@@ -249,9 +259,9 @@ def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
                 i,
                 row["input"],
                 row.get("input_b", ""),
-                row["label"],
+                normalize_label(row["label"]),
                 rationale,
-                row.get("llm_label", ""),
+                normalize_label(row.get("llm_label", "")),
                 has_teacher=has_teacher,
                 parse_ok=True,
                 extra_rationales=extra,

@@ -36,6 +36,7 @@ import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from dss_jax.losses import LABEL_TASK_ID, RATIONALE_TASK_ID
 from dss_jax.tasks import arithmetic, quality, readers, tfds_builder
@@ -156,7 +157,9 @@ class Source:
     def tf_dataset(self, split: str, shuffle_files: bool) -> tf.data.Dataset:
         if self.benchmark:
             b = tfds_builder.builder(self.benchmark, self.data_dir)
-            return b.as_dataset(split=split, shuffle_files=shuffle_files)
+            # no TFDS auto-cache: evaluations read parts of a split (a train subset, max_eval_examples) and a short
+            # run part of an epoch, and TensorFlow warns each time a cache is left half-read; the files are small
+            return b.as_dataset(split=split, shuffle_files=shuffle_files, read_config=tfds.ReadConfig(try_autocache=False))
         rows = [e.table_row() for e in self.examples(split)]
         cols = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
         return tf.data.Dataset.from_tensor_slices({k: tf.constant(v) for k, v in cols.items()})
@@ -375,13 +378,15 @@ def _extract_single_task_label(text: str) -> str:
 
 
 def postprocess_label(output: str | bytes, example: dict | None = None, is_target: bool = False) -> str:
-    """Decoded text -> label text; for single-task outputs, the part after 'So the answer is'."""
+    """Decoded text -> label text, normalised as the gold labels are at load (``readers.normalize_label``); for
+    single-task outputs, the part after 'So the answer is'."""
     if isinstance(output, bytes):
         output = output.decode("utf-8", errors="replace")
     if is_target and example is not None and "label_pretokenized" in example:
         label = example["label_pretokenized"]
         return label.decode("utf-8") if isinstance(label, bytes) else str(label)
-    return _extract_single_task_label(output) if SINGLE_TASK_SEPARATOR.strip() in output else output.strip()
+    label = _extract_single_task_label(output) if SINGLE_TASK_SEPARATOR.strip() in output else output
+    return readers.normalize_label(label)
 
 
 def accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:

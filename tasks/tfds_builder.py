@@ -8,6 +8,7 @@ of every file of the benchmark, so two data dirs never share a cache and an edit
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dss_jax.tasks import readers
+
+log = logging.getLogger("dss_jax.data")
 
 _INSTRUCTIONS = """\
 Download datasets.zip from google-research/distilling-step-by-step, unzip it, and point DSS_DATA_DIR (or the
@@ -50,6 +53,13 @@ class DssBenchmark(tfds.core.GeneratorBasedBuilder):
             supervised_keys=None,
         )
 
+    def _log_download_bytes(self) -> None:
+        """One line through dss_jax's log instead of TFDS's bold print and progress bars."""
+        log.info("preparing %s once (TFDS, in %s)", self.builder_config.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.info("prepared %s", self.builder_config.name)
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         data_dir = Path(dl_manager.manual_dir)
         name = self.builder_config.name
@@ -76,5 +86,10 @@ def builder(benchmark: str, data_dir: Path | None = None) -> DssBenchmark:
     """The prepared builder for one benchmark (prepared on first use; download_and_prepare skips it after)."""
     data_dir = Path(data_dir) if data_dir is not None else readers.default_data_dir()
     b = DssBenchmark(config=benchmark, data_dir=str(tfds_dir(data_dir, benchmark)))
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(data_dir)))
+    if not b.is_prepared():
+        tfds.display_progress_bar(False)  # TFDS's bars (generation, shuffling); the first use logs one line instead
+        try:
+            b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(data_dir)))
+        finally:
+            tfds.display_progress_bar(True)
     return b

@@ -113,3 +113,12 @@ def train_cmd(model_dir, toy, *extra: str) -> list[str]:
         f"--gin.USER_TRAIN='{toy}'",
         *extra,
     ]
+
+
+def foreign_log_lines(text: str) -> list[str]:
+    """The lines of ``text`` that TensorFlow, absl or XLA printed themselves (C++ log prefixes such as
+    ``W0000 00:00:...``, absl records, TensorFlow source paths, TFDS's preparation banner): a CLI shows none."""
+    import re
+
+    pattern = re.compile(r"^[IWEF]\d{4} |tensorflow/|cache_dataset_ops|absl|xla/|^WARNING:|cuInit|Downloading and preparing")
+    return [line for line in text.splitlines() if pattern.search(line)]

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import train_cmd, xla_env
+from conftest import foreign_log_lines, train_cmd, xla_env
 
 pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
@@ -22,8 +22,10 @@ def _train(model_dir, toy, devices, *extra):
         "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3",
         *extra,
     )
-    r = subprocess.run(cmd, env=xla_env(devices), capture_output=True, text=True)
+    env = {k: v for k, v in xla_env(devices).items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as in a user's shell
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert foreign_log_lines(r.stdout + r.stderr) == []  # the end-of-run evaluation included
     evals = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
     return evals[-1]["toy_label_gold/accuracy"]
 

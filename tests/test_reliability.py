@@ -3,6 +3,7 @@ checkpoints, divergence stops the run before a bad state is saved, and metrics.j
 once. The integration tests run the real CLIs on the toy task with real Orbax checkpoints."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -281,6 +282,37 @@ def test_damaged_steps_are_named_skipped_and_redone(tmp_path, toy_jsonl):
     assert len(keys) == len(set(keys)), keys  # each step once after the resume
     assert [s for s, k in keys if k == "train"] == list(range(1, 7))
     assert _steps(run / "data") == _steps(ckpts)
+
+
+@pytest.mark.slow
+def test_a_missing_data_position_dir_falls_back_like_a_missing_file(tmp_path, toy_jsonl):
+    """``data/<step>/`` deleted whole: that step is damaged (named, moved aside) and the run resumes from the step
+    before, ending where the undamaged run ended (before: a TensorFlow NotFoundError traceback)."""
+    run = tmp_path / "run"
+    cmd = train_cmd(
+        run,
+        toy_jsonl,
+        "--gin.TRAIN_STEPS=4",
+        "--gin.train.train.checkpoint_every=2",
+        "--gin.train.train.eval_every=0",
+        "--gin.train.train.evaluate_test=False",
+    )
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    assert _steps(ckpts) == [2, 4] == _steps(run / "data")
+    want = {jax.tree_util.keystr(k): np.asarray(v) for k, v in _leaves(_params(ckpts / "4"))}
+    shutil.rmtree(run / "data" / "4")
+
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "step 4" in r.stderr and "is missing" in r.stderr, r.stderr[-3000:]
+    assert any("resuming from step 2, the newest intact checkpoint" in line for line in r.stderr.splitlines())
+    assert [p.name.split("-")[0] for p in (run / "damaged").iterdir()] == ["4"]
+    got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in _leaves(_params(ckpts / "4"))}
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert _steps(run / "data") == _steps(ckpts) == [2, 4]
 
 
 def test_data_iterator_state_is_compressed_and_resumes_exactly(tmp_path):

@@ -110,3 +110,44 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy_jsonl):
     saved = [p for p in (run / "checkpoints").iterdir() if p.name.isdigit()] if (run / "checkpoints").exists() else []
     for p in saved:  # whatever was kept holds finite parameters
         assert all(np.isfinite(v).all() for v in _flat(_params(run, int(p.name))).values())
+
+
+def test_one_writer_per_model_dir_and_a_killed_holder_never_blocks(tmp_path, toy_jsonl):
+    """A second dss-train on a model dir in use stops at once with one line naming the holder, and changes nothing
+    there; once the holder is SIGKILLed (its flock dies with it) the next run takes the dir and resumes."""
+    run = tmp_path / "shared"
+    first = subprocess.Popen(
+        _cmd(run, toy_jsonl, "--gin.TRAIN_STEPS=100000", "--gin.train.train.eval_every=0"),
+        env=xla_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while _train_steps_logged(run) < 6 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        before = {p: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+        second = subprocess.run(_cmd(run, toy_jsonl), env=xla_env(1), capture_output=True, text=True, timeout=180)
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert lines[-1].startswith("dss-train: error: ") and f"pid {first.pid} on host " in lines[-1], second.stderr
+        assert " since " in lines[-1] and "Traceback" not in second.stderr
+        assert first.poll() is None  # the holder trains on, its run files untouched by the second
+        assert {p: p.stat().st_mtime_ns for p in before} == before
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved
+    r = subprocess.run(
+        _cmd(run, toy_jsonl, f"--gin.TRAIN_STEPS={saved[-1] + 2}", "--gin.train.train.eval_every=0"),
+        env=xla_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr, r.stderr[-3000:]

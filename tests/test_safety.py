@@ -103,6 +103,62 @@ def test_an_override_for_a_part_the_run_does_not_use_stops_before_the_first_step
     assert not (metrics.exists() and metrics.read_text().strip())
 
 
+def test_gin_values_of_the_wrong_type_are_named_with_where_they_were_written(tmp_path):
+    """In-process and without TensorFlow: a value that does not fit its parameter's annotation (a macro followed to
+    its value) is one line per binding; every run gin file of the package passes."""
+    user = tmp_path / "mine.gin"
+    user.write_text(f"include '{TOY_GIN}'\nfrom dss_jax import optim\noptim.learning_rate_schedule.base_learning_rate = 'fast'\n")
+    gin.clear_config()
+    try:
+        with pytest.raises(SystemExit):
+            configs.parse_gin([str(user)], ["USER_TRAIN = 'x.jsonl'", "train.train.batch_size = 'x'"], finalize=False)
+        wrong = configs.binding_type_errors()
+        assert f"optim.learning_rate_schedule.base_learning_rate = 'fast' ({user}:3): expected a number" in wrong
+        assert "train.train.batch_size = 'x' (on the command line: train.train.batch_size = 'x'): expected an integer" in wrong
+        gin.clear_config()
+        with pytest.raises(SystemExit):
+            configs.parse_gin([TOY_GIN], ["USER_TRAIN = 'x.jsonl'", "TRAIN_STEPS = 2.5"], finalize=False)
+        assert any(
+            w.startswith("train.train.num_steps = %TRAIN_STEPS = 2.5 (macro TRAIN_STEPS") for w in configs.binding_type_errors()
+        )
+        for f in sorted((configs.GIN_DIR / "runs").glob("*.gin")):
+            gin.clear_config()
+            configs.parse_gin([str(f)], [], finalize=False)
+            assert configs.binding_type_errors() == [], f
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gin.train.train.batch_size='x'"], "train.train.batch_size = 'x' (on the command line"),
+        (["--gin.optim.learning_rate_schedule.base_learning_rate='fast'"], "base_learning_rate = 'fast'"),
+        (["--gin.train.train.batch_size=-4"], "train.train.batch_size=-4: must be 1 or more"),
+    ],
+)
+def test_bad_training_values_are_one_line_before_the_model_dir_is_made(tmp_path, flags, message):
+    toy = write_toy_jsonl(tmp_path / "toy.jsonl", n=60)
+    model_dir = tmp_path / "m"
+    r = subprocess.run(train_cmd(model_dir, toy, *flags), env=xla_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not model_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_model_dir_that_is_a_file_is_one_line(tmp_path):
+    toy = write_toy_jsonl(tmp_path / "toy.jsonl", n=60)
+    model_dir = tmp_path / "m"
+    model_dir.write_text("not a dir")
+    r = subprocess.run(train_cmd(model_dir, toy), env=xla_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr, "dss-train")
+    assert f"--model_dir={model_dir} is a file, not a directory" in line and "Traceback" not in r.stderr
+
+
 # --- model dirs are data -----------------------------------------------------------------------------------------
 
 
@@ -166,6 +222,20 @@ def test_dss_eval_on_an_old_model_dir_says_how_to_proceed_and_runs_nothing(train
     (line,) = _error_lines(r.stderr, "dss-eval")
     assert "has no data spec" in line and "--trust_config_gin" in line
     assert "Traceback" not in r.stderr and not marker.exists()
+
+
+@pytest.mark.slow
+def test_dss_eval_on_a_model_dir_without_its_model_config_names_the_file_and_the_way_back(trained, tmp_path):
+    """A copy of a model dir that lost dss_config.json: one line naming it and how to get it back (before: "not a
+    dss_jax pretrained checkpoint (make one with dss-convert)", which is about pretrained checkpoints)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns("eval"))
+    (copy / "dss_config.json").unlink()
+    r = _cli("dss_jax.evaluate", f"--model_dir={copy}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr, "dss-eval")
+    assert f"{copy / 'dss_config.json'} not found" in line and "dss-convert" not in line and "dss-train" in line
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

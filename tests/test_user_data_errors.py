@@ -1,5 +1,6 @@
 """Users' JSONL that is broken in the ways real files are: every case names the file and the real line."""
 
+import numpy as np
 import pytest
 
 from dss_jax.tasks import readers
@@ -73,3 +74,31 @@ def test_dss_on_rows_without_rationales_says_what_to_do(tmp_path):
         pipeline.SeqioData(benchmark="norat2", method="distill", vocabulary=v, user_train_file=str(f), pack=False)
     data = pipeline.SeqioData(benchmark="norat3", method="finetune", vocabulary=v, user_train_file=str(f), pack=False)
     assert data.task
+
+
+def test_labels_with_inner_whitespace_train_and_score_as_normalised_text(tmp_path):
+    """A label holding a newline, a tab or a double space is normalised once at load (whitespace runs -> one space,
+    ends stripped): the training target and the gold the scorer compares with are that text, and a prediction of
+    it (as SentencePiece decodes it) scores correct. Before, the raw gold could never be matched."""
+    import json
+
+    from dss_jax.tasks import pipeline, vocab
+
+    raw = ["new\nyork", "left\tbank", "two  words", " olive \n grove\t"]
+    want = ["new york", "left bank", "two words", "olive grove"]
+    rows = [
+        {"input": f"row {i} {w}", "label": raw[i % 4], "rationale": "r", "llm_label": raw[i % 4]}
+        for i, w in enumerate("abcdefghijklmnopqrst")
+    ]
+    f = _write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    v = vocab.get_vocabulary(train_on=str(f), vocab_size=60)
+    data = pipeline.SeqioData(benchmark="ws_labels", method="dss", vocabulary=v, user_train_file=str(f), pack=False)
+    for split in ("train", "validation"):
+        examples = data.selection_examples(split)
+        gold = [e["targets_pretokenized"].decode() for e in examples]
+        assert gold and set(gold) <= set(want), gold
+        assert data.score(split, gold)["accuracy"] == 100.0
+        decoded = data.detokenize(np.array([t + [0] * (16 - len(t)) for t in data.tokenize(gold)]))
+        assert data.score(split, decoded)["accuracy"] == 100.0  # what the model can emit is what is scored
+    train = readers.read_user_jsonl(f)
+    assert [e.label for e in train[:4]] == want and [e.llm_label for e in train[:4]] == want
