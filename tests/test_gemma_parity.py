@@ -236,3 +236,15 @@ def test_dss_convert_both_ways_with_tokenizer_files(hf_models, tmp_path, caplog)
     ids, dec = _inputs(4)
     params, cfg = convert.load_hf(back, dtype="float32")
     np.testing.assert_allclose(_apply(cfg, params, ids, dec), _hf_logits(reloaded, ids, dec), atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_safetensors_import_equals_single_file(hf_models, tmp_path):
+    """A T5Gemma 2 saved in several safetensors shards (model.safetensors.index.json) imports to the same tree."""
+    hf, d = hf_models("t5gemma2")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    a, cfg_a = convert.load_hf(d)
+    b, cfg_b = convert.load_hf(tmp_path / "sharded")
+    fa, fb = flatten(a), flatten(b)
+    assert cfg_a == cfg_b and fa.keys() == fb.keys()
+    assert all(np.array_equal(fa[k], fb[k]) for k in fa)
