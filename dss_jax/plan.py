@@ -179,8 +179,9 @@ def plan(
 
 
 def apply_partitioning_gin(args: argparse.Namespace, name: str) -> None:
-    """Sets the mesh, remat and scan arguments from a partitioning gin file's bindings (read as literals, never
-    executed), so that what dss-plan measures is what a run including that file binds."""
+    """Sets the mesh, remat, scan (and microbatches, where bound) arguments from a partitioning gin file's
+    bindings (read as literals, never executed), so that what dss-plan measures is what a run including that file
+    binds."""
     from dss_jax import configs
     from dss_jax.results import read_gin_values
 
@@ -195,6 +196,8 @@ def apply_partitioning_gin(args: argparse.Namespace, name: str) -> None:
     cls = "model.T5Config" if "model.T5Config.remat_policy" in v else "gemma.GemmaConfig"
     args.remat = str(v[f"{cls}.remat_policy"])
     args.no_scan = not bool(v[f"{cls}.scan_layers"])
+    if "train.train.microbatches" in v:  # files whose model needs gradient accumulation to fit bind it too
+        args.microbatches = int(v["train.train.microbatches"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--partitioning",
         default=None,
-        help="take the mesh, remat and scan from gin/partitioning/NAME.gin (what a run with that file binds)",
+        help="take the mesh, remat, scan and microbatches from gin/partitioning/NAME.gin (what a run with that file binds)",
     )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

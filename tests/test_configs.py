@@ -62,6 +62,23 @@ def test_partitioning_gins_state_what_their_own_bindings_measured():
         assert args.remat in ("none", "full", "minimal") and args.fsdp != 0
 
 
+def test_plan_takes_a_gemma_partitioning_files_bindings():
+    """`dss-plan --partitioning t5gemma2_270m_270m` measures what a run with that file binds: the mesh, the
+    gemma.GemmaConfig remat and scan bindings, and the microbatches the 256k-vocabulary model needs to fit."""
+    import argparse
+
+    from dss_jax import configs, plan
+    from dss_jax.results import read_gin_values
+
+    name = "t5gemma2_270m_270m"
+    v = read_gin_values(configs.GIN_DIR / "partitioning" / f"{name}.gin")
+    args = argparse.Namespace(microbatches=1)
+    plan.apply_partitioning_gin(args, name)
+    assert (args.data, args.fsdp, args.model_parallel) == (1, -1, 1)
+    assert (args.remat, args.no_scan) == (v["gemma.GemmaConfig.remat_policy"], not v["gemma.GemmaConfig.scan_layers"])
+    assert args.remat == "full" and args.microbatches == v["train.train.microbatches"] > 1
+
+
 def test_a_misspelt_macro_on_the_command_line_is_an_error_naming_it(capsys):
     import gin
     import pytest
