@@ -262,7 +262,8 @@ class GemmaEmbed(nn.Module):
     def setup(self) -> None:
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            # std 1/sqrt(d): the sqrt(d)-scaled embedding has unit entries, and the tied head's logits unit std
+            nn.with_logical_partitioning(nn.initializers.normal(self.features**-0.5), ("vocab", "embed")),
             (self.num_embeddings, self.features),
             self.param_dtype,
         )

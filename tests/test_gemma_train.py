@@ -54,3 +54,21 @@ def test_t5gemma2_trains_sharded_with_scan_and_remat():
             state, metrics = step(state, gbatch)
             seen.append(float(metrics["loss"]))
     assert np.all(np.isfinite(seen)) and seen[-1] < seen[0] * 0.8, seen
+
+
+@pytest.mark.parametrize("family", ["t5gemma", "t5gemma2"])
+def test_from_scratch_loss_starts_near_uniform(family):
+    """A freshly initialised student's loss is near ln(vocab), not hundreds (tied head, no softcap in T5Gemma 2)."""
+    from dss_jax import model
+    from dss_jax.gemma import GemmaConfig
+
+    stack = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, query_pre_attn_scalar=16, sliding_window=4)  # fmt: skip
+    vocab = 4096
+    cfg = GemmaConfig(family=family, encoder=stack, decoder=stack, vocab_size=vocab, eoi_token_index=vocab - 1, dtype="float32")
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    enc, tgt = rng.integers(3, vocab, (4, 16)), rng.integers(3, vocab, (4, 8))
+    logits = model.build(cfg).apply({"params": params}, enc, model.shift_right(tgt, cfg.decoder_start_token_id))
+    loss = float(np.mean(-np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), tgt[..., None], -1)))
+    assert loss < 1.5 * np.log(vocab), loss
