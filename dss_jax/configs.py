@@ -192,8 +192,15 @@ def _parameter_hints(fn: object) -> dict[str, object]:
     target = fn.__init__ if isinstance(fn, type) else fn
     try:
         return typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - an annotation that does not resolve is simply not checked
-        return {}
+    except Exception:  # noqa: BLE001 - resolve them one by one: an annotation that does not resolve is not checked
+        hints: dict[str, object] = {}
+        scope = getattr(target, "__globals__", None)
+        for name, ann in getattr(target, "__annotations__", {}).items():
+            try:
+                hints.update(typing.get_type_hints(type("_", (), {"__annotations__": {name: ann}}), globalns=scope))
+            except Exception:  # noqa: BLE001, S112
+                continue
+        return hints
 
 
 def binding_type_errors() -> list[str]:
