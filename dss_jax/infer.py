@@ -78,8 +78,8 @@ class Predictor:
     """Restores a model dir's checkpoint once and decodes batches of raw text inputs.
 
     ``rationales``: refuse a model trained without them, rather than answer without them. The model dir must
-    be complete: ``dss_config.json``, ``spiece.model`` and ``inference.json`` are checked
-    (before the checkpoint is read) and a missing or invalid one raises :class:`ModelDirError` naming it."""
+    be complete: ``dss_config.json``, ``spiece.model`` and ``inference.json`` are checked ahead of the
+    checkpoint, and a missing or invalid one raises :class:`ModelDirError` naming it."""
 
     def __init__(
         self,

@@ -106,7 +106,7 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank acc %" in r.stdout
     # subsets of train and validation are scored (partial reads), on TFDS data prepared on first use: no line from
-    # TensorFlow, absl or XLA (before: cache_dataset_ops warnings for each half-read auto-cached split)
+    # TensorFlow, absl or XLA (no cache_dataset_ops warning for a half-read split: TFDS's auto-cache is off)
     assert foreign_log_lines(r.stdout + r.stderr) == []
     summary = json.loads((model_dir / "summary.json").read_text())
     val = summary["splits"]["validation"]

@@ -216,7 +216,7 @@ print("done", file=sys.stderr)
 
 
 def test_reads_abandoned_after_a_damaged_read_print_nothing():
-    """The traceback that followed dss-eval's one-line error, at random (issue 11): Orbax's read coroutines still in
+    """No traceback follows dss-eval's one-line error. Orbax's read coroutines still in
     flight when one read fails are finalized later, and each turns the GeneratorExit thrown into it into a new
     "Encountered error while reading array index" exception, printed through sys.unraisablehook with a TensorStore
     spec. The hook drops exactly those; other unraisable errors still print."""
