@@ -391,7 +391,7 @@ def test_teacher_parsing_agrees_with_the_data_readers_on_released_completions(be
         samples = [[teacher.Sample(key=str(i), text=c, finish_reason="stop")] for i, c in enumerate(completions)]
         agg = teacher.aggregate(spec, inputs, samples)
         assert len(agg.rows) == len(examples)
-        for row, e in zip(agg.rows, examples):
+        for row, e in zip(agg.rows, examples, strict=True):
             assert row.get("llm_label", "") == e.llm_label
             assert ("rationale" in row) == e.parse_ok and row.get("rationale", e.rationale) == e.rationale
         f = agg.figures

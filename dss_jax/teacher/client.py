@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -147,10 +148,9 @@ class BadResponse(Exception):
 def _transport() -> Any:
     """The HTTP library under the openai client (its timeout and error types)."""
     try:
-        import httpx2 as transport
+        return importlib.import_module("httpx2")
     except ImportError:  # pragma: no cover - older openai clients use httpx
-        import httpx as transport
-    return transport
+        return importlib.import_module("httpx")
 
 
 def _root_cause(e: BaseException) -> str:
@@ -181,7 +181,7 @@ def _extract(api: str, r: Any, job: Job) -> Sample:
     if not isinstance(r, ChatCompletion if api == "chat" else Completion):
         raise BadResponse(f"the body is not a completion ({type(r).__name__})")
     try:
-        c = r.choices[0]
+        c: Any = r.choices[0]  # a chat or a completions choice
         holder = c.message if api == "chat" else c
         text = holder.content if api == "chat" else holder.text
         extra = getattr(holder, "model_extra", None) or {}

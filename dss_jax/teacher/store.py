@@ -53,7 +53,7 @@ class Sample:
         """A store record as a Sample; None for a line that is not a completion (skipped, so it is asked for again)."""
         if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) or not isinstance(rec.get("text"), str):
             return None
-        usage = rec.get("usage")
+        usage: Any = rec.get("usage")
         finish, field, sample = rec.get("finish_reason"), rec.get("rationale_field"), rec.get("sample")
         try:
             tokens = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
@@ -82,7 +82,7 @@ class Store:
         self.torn_bytes = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a+b")  # noqa: SIM115 - held open for the run
+            self._f = open(path, "a+b")  # held open for the run
         except OSError as e:
             raise TeacherError(f"--store {path}: cannot open it for appending ({e.strerror or e})") from None
         try:

@@ -157,24 +157,24 @@ def _output_row(x: TeacherInput, v: Vote) -> dict[str, Any] | None:
 def _figures(benchmark: str | None, complete: list[_Complete], rows: list[dict[str, Any]]) -> Figures:
     """The data figures over the complete inputs (their samples and votes) and the rows written."""
     sampled = [(s, p) for c in complete for s, p in zip(c.samples, c.vote.parsed, strict=True)]
-    won = [c for c in complete if c.vote.winner is not None]
-    graded = [c for c in complete if c.input.label is not None]
-    correct = sum(answers.is_correct(benchmark, c.input.label, c.vote.label) for c in graded if c.vote.winner is not None)
-    agreement = [c.vote.counts[c.vote.winner] / c.vote.usable for c in won]
+    winning_votes = [(c, c.vote.counts[c.vote.winner]) for c in complete if c.vote.winner is not None]
+    golds = [(c.input.label, c.vote) for c in complete if c.input.label is not None]
+    correct = sum(v.winner is not None and answers.is_correct(benchmark, gold, v.label) for gold, v in golds)
+    agreement = [n / c.vote.usable for c, n in winning_votes]
     prompt = sum(s.prompt_tokens for s, _ in sampled)
     completion = sum(s.completion_tokens for s, _ in sampled)
     return Figures(
         inputs_complete=len(complete),
         rows_written=len(rows),
         rows_dropped_no_label=len(complete) - len(rows),
-        labels_from_teacher=sum(c.input.label is None for c in won),
+        labels_from_teacher=sum(c.input.label is None for c, _ in winning_votes),
         rows_with_rationale=sum("rationale" in r for r in rows),
         completions=len(sampled),
         truncated=sum(s.truncated for s, _ in sampled),
         parse_failures=sum(not s.truncated and not p.ok for s, p in sampled),
-        teacher_accuracy=round(100.0 * correct / len(graded), 4) if graded else None,
-        graded_inputs=len(graded),
+        teacher_accuracy=round(100.0 * correct / len(golds), 4) if golds else None,
+        graded_inputs=len(golds),
         agreement=round(sum(agreement) / len(agreement), 4) if agreement else None,
-        unanimous_inputs=sum(c.vote.counts[c.vote.winner] == len(c.samples) for c in won),
+        unanimous_inputs=sum(n == len(c.samples) for c, n in winning_votes),
         tokens=Tokens(prompt, completion, prompt + completion),
     )
