@@ -38,7 +38,7 @@ setup(
     version=VERSION,
     description="Distilling step-by-step: train small T5 students on LLM rationales with JAX/Flax",
     python_requires=">=3.10",
-    packages=["dss_jax", "dss_jax.tasks", "dss_jax.gin_configs"],
+    packages=["dss_jax", "dss_jax.teacher", "dss_jax.tasks", "dss_jax.gin_configs"],
     # tasks/ is imported as dss_jax.tasks (why: tasks/__init__.py); gin/ ships inside the package so installed copies find it
     package_dir={"dss_jax": "dss_jax", "dss_jax.tasks": "tasks", "dss_jax.gin_configs": "gin"},
     package_data={"dss_jax.gin_configs": ["*/*.gin", "sweeps/*.json"], "dss_jax": ["prompts/*.json"]},
@@ -82,7 +82,7 @@ setup(
             "dss-sweep=dss_jax.sweep:main",
             "dss-report=dss_jax.results:main",
             "dss-serve=dss_jax.serve:main",
-            "dss-teacher=dss_jax.teacher:main",
+            "dss-teacher=dss_jax.teacher.cli:main",
         ]
     },
 )

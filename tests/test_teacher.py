@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,8 +30,9 @@ from conftest import REPO, SHARED_DATA, WORDS
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from dss_jax import teacher, teacher_prompts
+from dss_jax import teacher
 from dss_jax.tasks import parsers, readers
+from dss_jax.teacher import prompts as teacher_prompts
 
 KEY = "sk-test-secret-0123456789"
 MARKER = "So the answer is"
@@ -387,14 +389,13 @@ def test_teacher_parsing_agrees_with_the_data_readers_on_released_completions(be
     for disk_split in ("train", "test"):
         examples, completions = _released(benchmark, disk_split)
         inputs = [teacher.TeacherInput(e.input, e.input_b, e.label) for e in examples]
-        samples = [[{"key": str(i), "text": c, "finish_reason": "stop", "usage": {"prompt_tokens": 0, "completion_tokens": 0}}]
-                   for i, c in enumerate(completions)]  # fmt: skip
+        samples = [[teacher.Sample(key=str(i), text=c, finish_reason="stop")] for i, c in enumerate(completions)]
         agg = teacher.aggregate(spec, inputs, samples)
-        assert len(agg["rows"]) == len(examples)
-        for row, e in zip(agg["rows"], examples):
+        assert len(agg.rows) == len(examples)
+        for row, e in zip(agg.rows, examples, strict=True):
             assert row.get("llm_label", "") == e.llm_label
             assert ("rationale" in row) == e.parse_ok and row.get("rationale", e.rationale) == e.rationale
-        f = agg["figures"]
+        f = dataclasses.asdict(agg.figures)  # the summary's figures
         assert f["parse_failures"] == sum(not e.parse_ok for e in examples)
         assert f["teacher_accuracy"] == pytest.approx(registry.teacher_accuracy(benchmark, examples), abs=1e-3)
 
@@ -413,7 +414,7 @@ def test_shipped_prompts_parse_their_own_exemplars_and_ship_with_the_package():
         msgs = spec.chat_messages("QUESTION?", "HYP")
         assert msgs[0]["role"] == "system" and len(msgs) == 2 + 2 * len(spec.exemplars)
     setup = (REPO / "setup.py").read_text()
-    assert '"prompts/*.json"' in setup and "dss-teacher=dss_jax.teacher:main" in setup
+    assert '"prompts/*.json"' in setup and "dss-teacher=dss_jax.teacher.cli:main" in setup
     assert teacher_prompts.render("Q: {input} {x}", "a {input_b} b") == "Q: a {input_b} b {x}"  # braces in inputs are safe
 
 
@@ -562,9 +563,27 @@ def test_the_vote_keeps_every_distinct_rationale_of_the_winning_answer():
         ("He has 3 and gets 2 more. The answer is (3 + 2).", "stop"),  # a repeat
         ("Add them up. The answer is (3 + 2).", "length"),  # cut by the token limit: never used
     ]
-    v = teacher.vote(spec, [{"text": t, "finish_reason": f} for t, f in texts])
-    assert v["rationale"] == "He has 3 and gets 2 more."
-    assert v["rationales"] == ["He has 3 and gets 2 more.", "3 apples plus 2 apples."]
+    v = teacher.majority(spec, [teacher.Sample(key=str(j), text=t, finish_reason=f) for j, (t, f) in enumerate(texts)])
+    assert v.rationale == "He has 3 and gets 2 more."
+    assert v.rationales == ["He has 3 and gets 2 more.", "3 apples plus 2 apples."]
+
+
+def test_equivalent_svamp_equations_vote_together():
+    """The SVAMP answers (8 + 2) and (2 + 8) are one answer (tasks/answers.answer_key): together they outvote
+    (5 * 3), which was voted for first and would win a three-way tie of distinct texts."""
+    spec = teacher_prompts.shipped("svamp")
+    texts = [
+        "5 bags of 3. The answer is (5 * 3).",
+        "8 and 2 more. The answer is (8 + 2).",
+        "2 and 8 more. The answer is (2 + 8).",
+    ]
+    samples = [teacher.Sample(key=str(j), text=t, finish_reason="stop") for j, t in enumerate(texts)]
+    v = teacher.majority(spec, samples)
+    assert v.label == "(8 + 2)" and sorted(v.counts.values()) == [1, 2]
+    assert v.rationales == ["8 and 2 more.", "2 and 8 more."]
+    agg = teacher.aggregate(spec, [teacher.TeacherInput("Q", label="(10)")], [samples])
+    assert agg.rows[0]["llm_label"] == "(8 + 2)" and agg.figures.agreement == pytest.approx(2 / 3, abs=1e-3)
+    assert agg.figures.teacher_accuracy == 100.0
 
 
 # ----------------------------------------------------------------------------- failing fast and safely (CLI in subprocesses)

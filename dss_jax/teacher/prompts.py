@@ -4,7 +4,7 @@ A prompt file is JSON (format ``dss-teacher-prompt/1``), versioned by its ``vers
 SHA-256 of its bytes, both recorded in the teacher's summary, so a dataset always names the prompt that made
 it. The shipped files (``dss_jax/prompts/<benchmark>.json``) hold exemplars drawn from each benchmark's train
 split with the released PaLM rationales, written in the released completions' style so that the project's
-own parsers (``tasks/parsers.py``) read the answers; ``python -m dss_jax.teacher_prompts --write`` rebuilds
+own parsers (``tasks/parsers.py``) read the answers; ``python -m dss_jax.teacher.prompts --write`` rebuilds
 them from the released data. A user's file uses the same schema (see :data:`USER_EXAMPLE`).
 
 Fields: ``name``, ``version``, ``parser`` (a benchmark name from ``tasks/parsers.py``, ``{"answer_marker":
@@ -30,7 +30,7 @@ from dss_jax.tasks import arithmetic
 from dss_jax.tasks.parsers import NLI_LABELS, PARSERS, Parsed
 
 FORMAT = "dss-teacher-prompt/1"
-PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"  # dss_jax/prompts/
 SHIPPED = ("cqa", "svamp", "esnli", "anli1")
 _FIELDS = {"format", "name", "version", "parser", "query", "answer_prefix", "separator", "stop", "system", "instruction",
            "exemplars", "extra_body", "source"}  # fmt: skip
@@ -277,7 +277,7 @@ def build(benchmark: str, data_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Rebuild the shipped prompt files from the released data (a maintainer's tool)."""
-    p = argparse.ArgumentParser(prog="python -m dss_jax.teacher_prompts", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m dss_jax.teacher.prompts", description=main.__doc__)
     p.add_argument("--write", action="store_true", help="write dss_jax/prompts/<benchmark>.json")
     p.add_argument("--data_dir", default=None, help="default: $DSS_DATA_DIR, else ../shared/data/dss")
     p.add_argument("--benchmark", nargs="+", default=list(SHIPPED))
