@@ -39,7 +39,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dss_jax.losses import LABEL_TASK_ID, RATIONALE_TASK_ID
-from dss_jax.tasks import arithmetic, quality, readers, tfds_builder
+from dss_jax.tasks import answers, quality, readers, tfds_builder
 
 log = logging.getLogger("dss_jax.data")
 TASK_IDS = {"label": LABEL_TASK_ID, "rationale": RATIONALE_TASK_ID}
@@ -179,7 +179,7 @@ def select_rationales(
         examples,
         opts.rationale_filter,
         opts.max_rationale_tokens,
-        lambda gold, llm: quality.label_correct(benchmark, gold, llm),
+        benchmark,
         counter,
     )
     extras, more = quality.extra_rationales(examples, keep, opts.rationales_per_input, opts.max_rationale_tokens, counter)
@@ -390,18 +390,17 @@ def postprocess_label(output: str | bytes, example: dict | None = None, is_targe
 
 
 def accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:
-    """Exact-match accuracy of label text (in percent, as the paper reports)."""
-    n = max(1, len(targets))
-    return {"accuracy": 100.0 * sum(t.strip() == p.strip() for t, p in zip(targets, predictions)) / n}
+    """Label accuracy (percent, as the paper reports) by normalised text (``answers``: users' data, CQA, NLI)."""
+    return {"accuracy": answers.accuracy(None, targets, predictions)}
 
 
 def equation_accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:
-    """SVAMP: a predicted equation is right when it evaluates (safely) to the target's value."""
-    n = max(1, len(targets))
-    return {"accuracy": 100.0 * sum(arithmetic.equations_equal(p, t) for t, p in zip(targets, predictions)) / n}
+    """SVAMP: a predicted equation is right when it evaluates (safely) to the target's value (``answers``)."""
+    return {"accuracy": answers.accuracy("svamp", targets, predictions)}
 
 
 def metric_fns_for(benchmark: str | None) -> list:
+    """The seqio metric fns of a benchmark's tasks: its answer check (``answers``) as accuracy."""
     return [equation_accuracy] if benchmark == "svamp" else [accuracy]
 
 
@@ -410,8 +409,7 @@ def teacher_accuracy(benchmark: str | None, examples: list[readers.Example]) -> 
     t = [e for e in examples if e.has_teacher]
     if not t:
         return None
-    fn = metric_fns_for(benchmark)[0]
-    return fn([e.label for e in t], [e.llm_label for e in t])["accuracy"]
+    return answers.accuracy(benchmark, [e.label for e in t], [e.llm_label for e in t])
 
 
 # ----------------------------------------------------------------------------- registration
