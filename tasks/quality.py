@@ -54,6 +54,18 @@ def _majority_keep(benchmark: str | None, examples: Sequence[readers.Example]) -
 MAX_RATIONALES_PER_INPUT = 8
 
 
+def check_options(rationale_filter: str, max_rationale_tokens: int | None, rationales_per_input: int) -> None:
+    """The rationale data options' one check (``registry.DataOptions`` runs it when built): errors name the option."""
+    if rationale_filter not in RATIONALE_FILTERS:
+        raise ValueError(f"DataOptions.rationale_filter={rationale_filter!r}; expected one of {RATIONALE_FILTERS}")
+    if not 1 <= rationales_per_input <= MAX_RATIONALES_PER_INPUT:
+        raise ValueError(
+            f"DataOptions.rationales_per_input must be in [1, {MAX_RATIONALES_PER_INPUT}], got {rationales_per_input}"
+        )
+    if max_rationale_tokens is not None and max_rationale_tokens < 2:
+        raise ValueError(f"DataOptions.max_rationale_tokens must be at least 2 (EOS included), got {max_rationale_tokens}")
+
+
 def weight_scale(per_input: int) -> int:
     """The integer every training token's loss weight is scaled by, so that 1/k (k <= per_input) is an integer
     weight too: lcm(1..per_input) (1 for one rationale per input: the weights stay 0/1). Per-task means and the
@@ -97,9 +109,8 @@ def select_rationales(
     """(a boolean keep per example, counts): which rows' own rationales train, and how many each rule dropped;
     teacher labels are compared with human labels and with each other by ``answers`` (the benchmark's check).
 
-    Rows without a teacher rationale are neither kept nor counted as dropped (no option can bring them back)."""
-    if rationale_filter not in RATIONALE_FILTERS:
-        raise ValueError(f"DataOptions.rationale_filter={rationale_filter!r}; expected one of {RATIONALE_FILTERS}")
+    Rows without a teacher rationale are neither kept nor counted as dropped (no option can bring them back).
+    The options are checked once, where they are built (:func:`check_options`)."""
     has = np.array([e.has_teacher and bool(e.rationale) for e in examples], bool)
     keep = has.copy()
     counts = {"with_rationale": int(has.sum())}

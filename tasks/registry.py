@@ -62,19 +62,7 @@ class DataOptions:
     rationales_per_input: int = 1
 
     def __post_init__(self) -> None:
-        if self.rationale_filter not in quality.RATIONALE_FILTERS:
-            raise ValueError(
-                f"DataOptions.rationale_filter={self.rationale_filter!r}; expected one of {quality.RATIONALE_FILTERS}"
-            )
-        if not 1 <= self.rationales_per_input <= quality.MAX_RATIONALES_PER_INPUT:
-            raise ValueError(
-                f"DataOptions.rationales_per_input must be in [1, {quality.MAX_RATIONALES_PER_INPUT}], "
-                f"got {self.rationales_per_input}"
-            )
-        if self.max_rationale_tokens is not None and self.max_rationale_tokens < 2:
-            raise ValueError(
-                f"DataOptions.max_rationale_tokens must be at least 2 (EOS included), got {self.max_rationale_tokens}"
-            )
+        quality.check_options(self.rationale_filter, self.max_rationale_tokens, self.rationales_per_input)
         if self.on_parse_failure not in ("keep", "drop"):
             raise ValueError(f"DataOptions.on_parse_failure must be 'keep' or 'drop', got {self.on_parse_failure!r}")
         if not 0 < self.train_fraction <= 1:

@@ -56,8 +56,15 @@ def test_length_cap_counts_tokens_and_needs_a_tokenizer():
     assert counts == {"with_rationale": 2, "dropped_too_long": 1, "kept": 1}
     with pytest.raises(ValueError, match="vocabulary"):
         quality.select_rationales(rows, "all", 3, None)
+
+
+def test_the_rationale_options_are_checked_where_they_are_built():
     with pytest.raises(ValueError, match="rationale_filter='best'"):
-        quality.select_rationales(rows, "best", None, None)
+        quality.check_options("best", None, 1)
+    with pytest.raises(ValueError, match=r"rationales_per_input must be in \[1, 8\], got 9"):
+        quality.check_options("all", None, 9)
+    with pytest.raises(ValueError, match="max_rationale_tokens must be at least 2"):
+        quality.check_options("all", 1, 1)
 
 
 def _write(path, rows):
