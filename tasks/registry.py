@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import gin
 import seqio
@@ -112,7 +113,7 @@ class DssTask(seqio.Task):
     both set at registration: the mixture rates, the pipeline's shuffle and ``SeqioData`` (split sizes,
     baselines) read them from the registered task."""
 
-    def __init__(self, name: str, *args: object, kind: str, origin: sources.Source, **kwargs: object):
+    def __init__(self, name: str, *args: Any, kind: str, origin: sources.Source, **kwargs: Any):
         super().__init__(name, *args, **kwargs)
         self.kind = kind
         self.origin = origin
