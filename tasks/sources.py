@@ -132,7 +132,7 @@ class RationaleTable:
             rationale_weight=np.ones(rows, np.int32),
         )
         table.keep[at] = keep
-        for i, x in zip(at, extras):
+        for i, x in zip(at, extras, strict=True):
             table.extra[i, : len(x)] = x
             table.rationale_weight[i] = table.label_weight // (1 + len(x))
         return table
