@@ -15,7 +15,7 @@ learns the human label), and leaves the rationale-only and single-task data. ``d
   rationale task carries the same weight as with one rationale and ``a`` keeps its meaning. The extra rationales
   follow their input's filter decision and the length cap applies to each.
 
-No TensorFlow here: the registry turns the kept rows into a mask over the source's ``idx``.
+No TensorFlow here: ``sources.RationaleTable`` turns the kept rows into a mask over the source's ``idx``.
 """
 
 from __future__ import annotations
