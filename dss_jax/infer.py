@@ -24,6 +24,7 @@ import numpy as np
 
 from dss_jax import checkpoints, decoding
 from dss_jax.model import ModelConfig
+from dss_jax.tasks import readers
 
 
 @dataclasses.dataclass
@@ -184,28 +185,18 @@ class Predictor:
 
 
 def read_inputs(path: Path, stats: InferStats) -> Iterator[tuple[int, str | tuple[str, str]]]:
-    """(line number, input) pairs; empty lines are skipped and counted, bad bytes replaced and counted."""
-    is_jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.invalid_utf8 += 1
-                line = raw.decode("utf-8", errors="replace")
-            if not line.strip():
-                stats.empty_skipped += 1
-                continue
-            if not is_jsonl:
-                yield lineno, line.rstrip("\n")
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("input"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field 'input'")
+    """(line number, input) pairs of a .jsonl (``input``, optional ``input_b``) or plain text file, read by the
+    data layer's reader (errors name the file and line); empty lines are skipped and counted, bad bytes replaced
+    and counted."""
+    counts = readers.LineCounts()
+    if path.suffix in (".jsonl", ".json"):
+        for lineno, row in readers.iter_jsonl(path, ("input",), strings=("input", "input_b"), counts=counts):
             yield lineno, (row["input"], row["input_b"]) if row.get("input_b") else row["input"]
+    else:
+        for lineno, line in readers.iter_lines(path, counts):
+            yield lineno, line.rstrip("\n")
+    stats.empty_skipped += counts.blank
+    stats.invalid_utf8 += counts.invalid_utf8
 
 
 class _OneLineParser(argparse.ArgumentParser):

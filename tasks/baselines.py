@@ -12,17 +12,9 @@ from __future__ import annotations
 import collections
 import re
 
-from dss_jax.tasks import arithmetic, readers
+from dss_jax.tasks import answers, readers
 
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-def _accuracy(pred: list[str], gold: list[str], benchmark: str | None) -> float:
-    if benchmark == "svamp":
-        ok = sum(arithmetic.equations_equal(p, g) for p, g in zip(pred, gold))
-    else:
-        ok = sum(p.strip() == g.strip() for p, g in zip(pred, gold))
-    return 100.0 * ok / max(1, len(gold))
 
 
 def _choices(text: str) -> list[str]:
@@ -54,16 +46,16 @@ def baselines(benchmark: str | None, train: list[readers.Example], split: list[r
     majority = collections.Counter(e.label for e in train).most_common(1)[0][0] if train else ""
     if benchmark == "svamp":
         return {
-            "best number heuristic (max - min of the last two numbers)": _accuracy(
-                [svamp_guess(e.input) for e in split], gold, "svamp"
+            "best number heuristic (max - min of the last two numbers)": answers.accuracy(
+                "svamp", gold, [svamp_guess(e.input) for e in split]
             )
         }
-    out = {f"most frequent training label ({majority!r})": _accuracy([majority] * len(split), gold, benchmark)}
+    out = {f"most frequent training label ({majority!r})": answers.accuracy(benchmark, gold, [majority] * len(split))}
     if benchmark == "cqa":
         per_choice = []
         for k in range(5):
             picks = [(_choices(e.input) + [""] * 5)[k] for e in split]
-            per_choice.append(_accuracy(picks, gold, benchmark))
+            per_choice.append(answers.accuracy(benchmark, gold, picks))
         best = max(range(5), key=lambda k: per_choice[k])
         out[f"always choice ({'abcde'[best]}) (best fixed choice)"] = per_choice[best]
     return out

@@ -22,7 +22,7 @@ import seqio
 import tensorflow as tf
 
 from dss_jax import batching
-from dss_jax.tasks import readers, registry
+from dss_jax.tasks import metrics, preprocessors, readers, registry, sources
 
 
 class DssEncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -203,6 +203,8 @@ class SeqioData:
     options: registry.DataOptions = dataclasses.field(default_factory=registry.DataOptions)
     # the selection task's unconverted examples per split, read once (rank classification and scoring both use them)
     _examples: dict[str, list[dict]] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    # where the registered tasks' rows come from (split sizes, baselines, the metric's benchmark)
+    _source: sources.Source = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.batching not in batching.MODES:
@@ -213,7 +215,7 @@ class SeqioData:
                 "(seqio's packing changes how many inputs a step holds)"
             )
         if self.user_train_file:
-            registry.register_user_data(
+            names = registry.register_user_data(
                 self.benchmark,
                 self.vocabulary,
                 self.user_train_file,
@@ -222,7 +224,8 @@ class SeqioData:
                 options=self.options,
             )
         else:
-            registry.register_benchmark(self.benchmark, self.vocabulary, options=self.options)
+            names = registry.register_benchmark(self.benchmark, self.vocabulary, options=self.options)
+        self._source = registry.origin(names[0])
         splits = self.source.splits
         if "train" not in splits:
             where = self.source.data_dir or self.user_train_file
@@ -258,7 +261,7 @@ class SeqioData:
             "method": self.method,
             "label_prefix": label_prefix,
             "rationale_prefix": "explain: " if self.method == "dss" else None,
-            "single_task_separator": registry.SINGLE_TASK_SEPARATOR.strip() if self.method == "single_task" else None,
+            "single_task_separator": preprocessors.SINGLE_TASK_SEPARATOR.strip() if self.method == "single_task" else None,
             "inputs_length": self.inputs_length,
             "targets_length": self.targets_length,
             "eval_task": self.selection_task,
@@ -303,13 +306,13 @@ class SeqioData:
         return batching.Repacker(self.batching, self.inputs_length, self.targets_length, rows_multiple=rows_multiple)
 
     @property
-    def source(self) -> registry.Source:
-        return registry.SOURCES[self.benchmark]
+    def source(self) -> sources.Source:
+        return self._source
 
     @property
     def needs_decoding(self) -> bool:
         """True when the task's metric is not exact match of the label text (SVAMP: equation value)."""
-        return registry.metric_fns_for(self.source.benchmark) != [registry.accuracy]
+        return metrics.needs_decoding(self.source.benchmark)
 
     def split_size(self, split: str) -> int:
         return len(self.source.examples(split)) if split in self.source.splits else 0
@@ -357,8 +360,8 @@ class SeqioData:
 
         examples = self.selection_examples(split)[: len(predictions)]
         task = seqio.get_mixture_or_task(self.selection_task)
-        targets = [registry.postprocess_label(e["targets_pretokenized"], e, is_target=True) for e in examples]
-        preds = [registry.postprocess_label(p) for p in predictions]
+        targets = [metrics.postprocess_label(e["targets_pretokenized"], e, is_target=True) for e in examples]
+        preds = [metrics.postprocess_label(p) for p in predictions]
         out: dict[str, float] = {}
         for fn in task.metric_fns:
             out.update(fn(targets, preds))

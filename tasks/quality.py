@@ -15,7 +15,7 @@ learns the human label), and leaves the rationale-only and single-task data. ``d
   rationale task carries the same weight as with one rationale and ``a`` keeps its meaning. The extra rationales
   follow their input's filter decision and the length cap applies to each.
 
-No TensorFlow here: the registry turns the kept rows into a mask over the source's ``idx``.
+No TensorFlow here: ``sources.RationaleTable`` turns the kept rows into a mask over the source's ``idx``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dss_jax.tasks import arithmetic, readers
+from dss_jax.tasks import answers, readers
 
 RATIONALE_FILTERS = ("all", "teacher_correct", "majority_vote")
 
 
-def _majority_keep(examples: Sequence[readers.Example]) -> list[bool]:
-    """True for rows whose teacher label is the most common one among the rows of the same input."""
+def _majority_keep(benchmark: str | None, examples: Sequence[readers.Example]) -> list[bool]:
+    """True for rows whose teacher label is the most common answer among the rows of the same input (answers
+    compared as the benchmark compares them: ``answers.answer_key``, SVAMP equations by value)."""
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
     for i, e in enumerate(examples):
         groups[(e.input, e.input_b)].append(i)
@@ -40,23 +41,29 @@ def _majority_keep(examples: Sequence[readers.Example]) -> list[bool]:
     for rows in groups.values():
         if len(rows) < 2:
             continue
-        votes = collections.Counter(examples[i].llm_label for i in rows if examples[i].parse_ok and examples[i].llm_label)
+        keys = {i: answers.answer_key(benchmark, examples[i].llm_label) for i in rows}
+        votes = collections.Counter(keys[i] for i in rows if examples[i].parse_ok and examples[i].llm_label)
         if not votes:
             continue
         winner = votes.most_common(1)[0][0]
         for i in rows:
-            keep[i] = examples[i].llm_label == winner
+            keep[i] = keys[i] == winner
     return keep
 
 
 MAX_RATIONALES_PER_INPUT = 8
 
 
-def label_correct(benchmark: str | None, gold: str, predicted: str) -> bool:
-    """The task's own metric on one label, as dss-data scores the teacher (SVAMP by value, else exact text)."""
-    if benchmark == "svamp":
-        return arithmetic.equations_equal(predicted, gold)
-    return gold.strip() == predicted.strip()
+def check_options(rationale_filter: str, max_rationale_tokens: int | None, rationales_per_input: int) -> None:
+    """The rationale data options' one check (``registry.DataOptions`` runs it when built): errors name the option."""
+    if rationale_filter not in RATIONALE_FILTERS:
+        raise ValueError(f"DataOptions.rationale_filter={rationale_filter!r}; expected one of {RATIONALE_FILTERS}")
+    if not 1 <= rationales_per_input <= MAX_RATIONALES_PER_INPUT:
+        raise ValueError(
+            f"DataOptions.rationales_per_input must be in [1, {MAX_RATIONALES_PER_INPUT}], got {rationales_per_input}"
+        )
+    if max_rationale_tokens is not None and max_rationale_tokens < 2:
+        raise ValueError(f"DataOptions.max_rationale_tokens must be at least 2 (EOS included), got {max_rationale_tokens}")
 
 
 def weight_scale(per_input: int) -> int:
@@ -96,23 +103,23 @@ def select_rationales(
     examples: Sequence[readers.Example],
     rationale_filter: str,
     max_rationale_tokens: int | None,
-    same_label: Callable[[str, str], bool],
+    benchmark: str | None,
     count_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """(a boolean keep per example, counts): which rows' own rationales train, and how many each rule dropped.
+    """(a boolean keep per example, counts): which rows' own rationales train, and how many each rule dropped;
+    teacher labels are compared with human labels and with each other by ``answers`` (the benchmark's check).
 
-    Rows without a teacher rationale are neither kept nor counted as dropped (no option can bring them back)."""
-    if rationale_filter not in RATIONALE_FILTERS:
-        raise ValueError(f"DataOptions.rationale_filter={rationale_filter!r}; expected one of {RATIONALE_FILTERS}")
+    Rows without a teacher rationale are neither kept nor counted as dropped (no option can bring them back).
+    The options are checked once, where they are built (:func:`check_options`)."""
     has = np.array([e.has_teacher and bool(e.rationale) for e in examples], bool)
     keep = has.copy()
     counts = {"with_rationale": int(has.sum())}
     if rationale_filter == "teacher_correct":
-        right = np.array([same_label(e.label, e.llm_label) for e in examples], bool)
+        right = np.array([answers.is_correct(benchmark, e.label, e.llm_label) for e in examples], bool)
         counts["dropped_teacher_wrong"] = int((keep & ~right).sum())
         keep &= right
     elif rationale_filter == "majority_vote":
-        vote = np.array(_majority_keep(examples), bool)
+        vote = np.array(_majority_keep(benchmark, examples), bool)
         counts["dropped_minority_vote"] = int((keep & ~vote).sum())
         keep &= vote
     if max_rationale_tokens:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,17 @@ def normalize_label(text: str) -> str:
 
 
 class DataFormatError(ValueError):
-    """Malformed data: the message names the file and line."""
+    """A data file that cannot be read as data (missing, not UTF-8, malformed JSON, a missing or mistyped field):
+    the message names the file and line. Every reader of users' JSONL (training data, dss-teacher's inputs,
+    dss-infer's inputs) raises it."""
+
+
+@dataclasses.dataclass
+class LineCounts:
+    """What a lenient read (``counts=`` of :func:`iter_lines`) skipped or repaired instead of failing."""
+
+    blank: int = 0
+    invalid_utf8: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +84,14 @@ def default_data_dir() -> Path:
     raise FileNotFoundError("no data dir: set DSS_DATA_DIR to the unzipped datasets of google-research/distilling-step-by-step")
 
 
-def read_jsonl_lines(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(1-based line number, object) for every non-blank line; errors name the file and the real line.
+def iter_lines(path: str | os.PathLike, counts: LineCounts | None = None) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of every non-blank line of a UTF-8 file (a byte-order mark is accepted).
 
-    A UTF-8 byte-order mark is accepted; bytes that are not UTF-8, an empty file, malformed JSON, a non-object
-    line or a missing field are errors.
-    """
-    rows = []
+    Strict (``counts=None``): bytes that are not UTF-8 are an error naming the line and column. Lenient: they are
+    replaced and counted, and blank lines counted, in ``counts`` (dss-infer reads what it can)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -87,21 +99,53 @@ def read_jsonl_lines(path: Path, required: tuple[str, ...]) -> list[tuple[int, d
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataFormatError(
-                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
-                ) from None
+                if counts is None:
+                    raise DataFormatError(
+                        f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+                    ) from None
+                counts.invalid_utf8 += 1
+                line = raw.decode("utf-8", errors="replace")
             if not line.strip():
+                if counts is not None:
+                    counts.blank += 1
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataFormatError(f"{path}:{lineno}: missing field(s) {missing}; has {sorted(row)}")
-            rows.append((lineno, row))
+            yield lineno, line
+
+
+def iter_jsonl(
+    path: str | os.PathLike,
+    required: tuple[str, ...] = (),
+    strings: tuple[str, ...] = (),
+    nonempty: tuple[str, ...] = (),
+    counts: LineCounts | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line of a JSON Lines file, checked: each line one JSON
+    object with the ``required`` fields, the ``strings`` fields (where present) strings and the ``nonempty`` ones not
+    blank. Errors name the file and the real line (:class:`DataFormatError`); ``counts``: as :func:`iter_lines`."""
+    for lineno, line in iter_lines(path, counts):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataFormatError(f"{path}:{lineno}: missing field(s) {missing}; has {sorted(row)}")
+        for key in strings:
+            if key in row and not isinstance(row[key], str):
+                raise DataFormatError(f"{path}:{lineno}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        for key in nonempty:
+            if not str(row.get(key, "")).strip():
+                raise DataFormatError(f"{path}:{lineno}: field {key!r} is empty")
+        yield lineno, row
+
+
+def read_jsonl_lines(
+    path: str | os.PathLike, required: tuple[str, ...], strings: tuple[str, ...] = (), nonempty: tuple[str, ...] = ()
+) -> list[tuple[int, dict]]:
+    """All of :func:`iter_jsonl` (strict); a file without a single object is an error too."""
+    rows = list(iter_jsonl(path, required, strings, nonempty))
     if not rows:
         raise DataFormatError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return rows
@@ -245,13 +289,10 @@ def read_user_jsonl(path: str | os.PathLike) -> list[Example]:
     (:func:`normalize_label`) here, once, for training and scoring alike."""
     path = Path(path)
     out = []
-    for i, (lineno, row) in enumerate(read_jsonl_lines(path, ("input", "label"))):
-        for key in ("input", "label", "rationale", "llm_label", "input_b"):
-            if key in row and not isinstance(row[key], str):
-                raise DataFormatError(f"{path}:{lineno}: field {key!r} must be a string, got {type(row[key]).__name__}")
-        for key in ("input", "label"):
-            if not row[key].strip():
-                raise DataFormatError(f"{path}:{lineno}: field {key!r} is empty")
+    rows = read_jsonl_lines(
+        path, ("input", "label"), strings=("input", "label", "rationale", "llm_label", "input_b"), nonempty=("input", "label")
+    )
+    for i, (lineno, row) in enumerate(rows):
         has_teacher = "rationale" in row or "rationales" in row or "llm_label" in row
         rationale, extra = _rationales(row, path, lineno)
         out.append(

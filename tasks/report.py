@@ -24,7 +24,7 @@ PERCENTILES = (50, 90, 99, 100)
 
 
 def split_stats(benchmark: str, split: str, examples: list[readers.Example], vocab=None) -> dict:  # noqa: ANN001
-    from dss_jax.tasks import registry
+    from dss_jax.tasks import metrics
 
     teacher = [e for e in examples if e.has_teacher]
     row = {
@@ -33,7 +33,7 @@ def split_stats(benchmark: str, split: str, examples: list[readers.Example], voc
         "examples": len(examples),
         "teacher_outputs": len(teacher),
         "parse_failures": sum(not e.parse_ok for e in teacher),
-        "teacher_accuracy": registry.teacher_accuracy(benchmark, examples),
+        "teacher_accuracy": metrics.teacher_accuracy(benchmark, examples),
     }
     if vocab is not None and examples:
 
@@ -104,14 +104,14 @@ def show_examples(benchmark: str, split: str, examples: list[readers.Example], n
 
 
 def _rationale_counts(benchmark: str | None, examples: list[readers.Example], args: argparse.Namespace, vocab) -> dict:  # noqa: ANN001
-    from dss_jax.tasks import registry
+    from dss_jax.tasks import registry, sources
 
     opts = registry.DataOptions(
         rationale_filter=args.rationale_filter,
         max_rationale_tokens=args.max_rationale_tokens,
         rationales_per_input=args.rationales_per_input,
     )
-    return registry.select_rationales(benchmark, examples, opts, vocab)[2]
+    return sources.select_rationales(benchmark, examples, opts, vocab)[2]
 
 
 def main(argv: list[str] | None = None) -> int:

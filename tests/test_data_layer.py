@@ -250,12 +250,12 @@ def test_parse_failure_policy_drop_leaves_out_exactly_the_unparsed(registered):
 def test_rationale_quality_options_keep_the_label_and_drop_only_the_rationale(registered):
     """teacher_correct + a length cap: the rationale examples are exactly the kept rows', every input keeps its
     label example in the paired DSS task, and dss-data's counts say how many each rule dropped."""
-    from dss_jax.tasks import pipeline, registry
+    from dss_jax.tasks import pipeline, registry, sources
 
     v, _ = registered
     train = readers.read_split(SHARED_DATA, "svamp", "train")
     opts = registry.DataOptions(rationale_filter="teacher_correct", max_rationale_tokens=64)
-    keep, _, counts = registry.select_rationales("svamp", train, opts, v)
+    keep, _, counts = sources.select_rationales("svamp", train, opts, v)
     assert counts["dropped_teacher_wrong"] > 100 and counts["dropped_too_long"] > 0
     assert (
         counts["kept"]

@@ -99,10 +99,10 @@ def test_evaluator_rejects_everything_else(expr):
 
 
 def test_svamp_metric_never_raises_and_non_finite_is_wrong():
-    from dss_jax.tasks import registry
+    from dss_jax.tasks import metrics
 
     preds = ["9" * 309, "1e309", "( 2.0 + 2.0 )", "-" * 400, "\x00"]
-    assert registry.equation_accuracy(["( 4.0 )"] * 5, preds)["accuracy"] == 20.0
+    assert metrics.equation_accuracy(["( 4.0 )"] * 5, preds)["accuracy"] == 20.0
 
 
 def test_division_by_zero_scores_wrong_not_crash():
@@ -118,9 +118,9 @@ def test_equation_equality_is_by_value():
 
 
 def test_metrics():
-    from dss_jax.tasks import registry
+    from dss_jax.tasks import metrics
 
-    assert registry.accuracy(["a", "b"], ["a", "c"])["accuracy"] == 50.0
-    assert registry.equation_accuracy(["( 84.0 / 2.0 )", "( 1.0 + 1.0 )"], ["(84/2)", "exec('1')"])["accuracy"] == 50.0
-    assert registry.postprocess_label(b"the reason So the answer is table", is_target=False) == "table"
-    assert registry.postprocess_label("table ") == "table"
+    assert metrics.accuracy(["a", "b"], ["a", "c"])["accuracy"] == 50.0
+    assert metrics.equation_accuracy(["( 84.0 / 2.0 )", "( 1.0 + 1.0 )"], ["(84/2)", "exec('1')"])["accuracy"] == 50.0
+    assert metrics.postprocess_label(b"the reason So the answer is table", is_target=False) == "table"
+    assert metrics.postprocess_label("table ") == "table"

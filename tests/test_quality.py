@@ -14,13 +14,9 @@ def _ex(i, inp, label, llm, rationale="because", parse_ok=True):
     )
 
 
-def _same(a, b):
-    return a == b
-
-
 def test_teacher_correct_keeps_rows_whose_teacher_label_is_the_human_one():
     rows = [_ex(0, "a", "yes", "yes"), _ex(1, "b", "yes", "no"), _ex(2, "c", "no", "", parse_ok=False)]
-    keep, counts = quality.select_rationales(rows, "teacher_correct", None, _same)
+    keep, counts = quality.select_rationales(rows, "teacher_correct", None, None)
     assert keep.tolist() == [True, False, False]
     assert counts == {"with_rationale": 3, "dropped_teacher_wrong": 2, "kept": 1}
 
@@ -34,21 +30,41 @@ def test_majority_vote_keeps_the_most_common_label_among_an_inputs_samples():
         _ex(4, "q3", "1", "1"),
         _ex(5, "q3", "1", "", parse_ok=False),  # an unparsed sample does not vote and is not the winner
     ]
-    keep, counts = quality.select_rationales(rows, "majority_vote", None, _same)
+    keep, counts = quality.select_rationales(rows, "majority_vote", None, None)
     assert keep.tolist() == [False, True, True, True, True, False]
     assert counts["dropped_minority_vote"] == 2 and counts["kept"] == 4
+
+
+def test_majority_vote_counts_equivalent_svamp_equations_as_one_answer():
+    """The vote compares answers as the benchmark does (``answers.answer_key``): "(8 + 2)" and "(2 + 8)" are one
+    answer (10) and outvote "(8 - 2)", as they do in dss-teacher's vote."""
+    rows = [
+        _ex(0, "q", "( 8.0 + 2.0 )", "(8 - 2)"),
+        _ex(1, "q", "( 8.0 + 2.0 )", "(8 + 2)"),
+        _ex(2, "q", "( 8.0 + 2.0 )", "(2 + 8)"),
+    ]
+    keep, counts = quality.select_rationales(rows, "majority_vote", None, "svamp")
+    assert keep.tolist() == [False, True, True]
+    assert counts["dropped_minority_vote"] == 1
 
 
 def test_length_cap_counts_tokens_and_needs_a_tokenizer():
     rows = [_ex(0, "a", "x", "x", "one two"), _ex(1, "b", "x", "x", "one two three four"), _ex(2, "c", "x", "x", "")]
     words = lambda texts: [len(t.split()) + 1 for t in texts]  # noqa: E731  (+1: EOS)
-    keep, counts = quality.select_rationales(rows, "all", 3, _same, words)
+    keep, counts = quality.select_rationales(rows, "all", 3, None, words)
     assert keep.tolist() == [True, False, False]  # no rationale: neither kept nor counted as dropped
     assert counts == {"with_rationale": 2, "dropped_too_long": 1, "kept": 1}
     with pytest.raises(ValueError, match="vocabulary"):
-        quality.select_rationales(rows, "all", 3, _same)
+        quality.select_rationales(rows, "all", 3, None)
+
+
+def test_the_rationale_options_are_checked_where_they_are_built():
     with pytest.raises(ValueError, match="rationale_filter='best'"):
-        quality.select_rationales(rows, "best", None, _same)
+        quality.check_options("best", None, 1)
+    with pytest.raises(ValueError, match=r"rationales_per_input must be in \[1, 8\], got 9"):
+        quality.check_options("all", None, 9)
+    with pytest.raises(ValueError, match="max_rationale_tokens must be at least 2"):
+        quality.check_options("all", 1, 1)
 
 
 def _write(path, rows):

@@ -383,7 +383,7 @@ def _released(benchmark: str, disk_split: str) -> tuple[list[readers.Example], l
 @pytest.mark.parametrize("benchmark", ["cqa", "svamp"])
 def test_teacher_parsing_agrees_with_the_data_readers_on_released_completions(benchmark):
     """The released PaLM completions through dss-teacher's path (store records, vote, output) give dss-data's labels."""
-    from dss_jax.tasks import registry  # dss-data's teacher accuracy
+    from dss_jax.tasks import metrics  # dss-data's teacher accuracy
 
     spec = teacher_prompts.shipped(benchmark)
     for disk_split in ("train", "test"):
@@ -397,7 +397,7 @@ def test_teacher_parsing_agrees_with_the_data_readers_on_released_completions(be
             assert ("rationale" in row) == e.parse_ok and row.get("rationale", e.rationale) == e.rationale
         f = dataclasses.asdict(agg.figures)  # the summary's figures
         assert f["parse_failures"] == sum(not e.parse_ok for e in examples)
-        assert f["teacher_accuracy"] == pytest.approx(registry.teacher_accuracy(benchmark, examples), abs=1e-3)
+        assert f["teacher_accuracy"] == pytest.approx(metrics.teacher_accuracy(benchmark, examples), abs=1e-3)
 
 
 def test_shipped_prompts_parse_their_own_exemplars_and_ship_with_the_package():

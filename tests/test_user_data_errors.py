@@ -102,3 +102,22 @@ def test_labels_with_inner_whitespace_train_and_score_as_normalised_text(tmp_pat
         assert data.score(split, decoded)["accuracy"] == 100.0  # what the model can emit is what is scored
     train = readers.read_user_jsonl(f)
     assert [e.label for e in train[:4]] == want and [e.llm_label for e in train[:4]] == want
+
+
+def test_training_data_and_dss_infer_read_jsonl_through_one_reader_with_one_error(tmp_path):
+    """dss-infer's inputs and the training data fail alike: a DataFormatError naming the file and line (or the
+    missing file), from the data layer's one JSONL reader."""
+    from pathlib import Path
+
+    from dss_jax import infer
+
+    def infer_read(path):
+        return list(infer.read_inputs(Path(path), infer.InferStats()))
+
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"input": "a", "label": "b"}\n{"input": 3, "label": "b"}\n')
+    for read in (readers.read_user_jsonl, infer_read):
+        with pytest.raises(readers.DataFormatError, match=r"x.jsonl:2: field 'input' must be a string, got int"):
+            read(bad)
+        with pytest.raises(readers.DataFormatError, match=r"nowhere.jsonl: no such file"):
+            read(tmp_path / "nowhere.jsonl")

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dss_jax.tasks import arithmetic
+from dss_jax.tasks import answers
 from dss_jax.tasks.parsers import NLI_LABELS, PARSERS, Parsed
 
 FORMAT = "dss-teacher-prompt/1"
@@ -240,11 +240,11 @@ def build(benchmark: str, data_dir: Path) -> dict:
     parse = PARSERS[benchmark]
 
     def good(e: readers.Example) -> bool:
-        right = arithmetic.equations_equal(e.llm_label, e.label) if benchmark == "svamp" else e.llm_label == e.label
+        right = answers.is_correct(benchmark, e.label, e.llm_label)
         if not (e.has_teacher and e.parse_ok and right and 30 <= len(e.rationale) <= 300):
             return False
         out = _output(benchmark, e)
-        return parse(out).label == e.llm_label and (benchmark != "esnli" or e.label in NLI_LABELS)
+        return answers.same_answer(benchmark, parse(out).label, e.llm_label) and (benchmark != "esnli" or e.label in NLI_LABELS)
 
     order = np.random.default_rng(0).permutation(len(examples))
     pools: dict[str, list] = {}
