@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dss_jax import configs
+from dss_jax import gin_utils
 
 
 def expand(grid: list[str]) -> list[dict[str, str]]:
@@ -53,9 +53,9 @@ def _unquote(v: str) -> str:
 
 def load_spec(name: str) -> dict:
     """A sweep spec by name (gin/sweeps/NAME.json) or path; errors name the file and the missing field."""
-    path = Path(name) if name.endswith(".json") else configs.GIN_DIR / "sweeps" / f"{name}.json"
+    path = Path(name) if name.endswith(".json") else gin_utils.GIN_DIR / "sweeps" / f"{name}.json"
     if not path.exists():
-        known = sorted(p.stem for p in (configs.GIN_DIR / "sweeps").glob("*.json"))
+        known = sorted(p.stem for p in (gin_utils.GIN_DIR / "sweeps").glob("*.json"))
         raise SystemExit(f"dss-sweep: no sweep spec {path} (known: {', '.join(known)})")
     try:
         spec = json.loads(path.read_text())
@@ -90,7 +90,7 @@ def plan_runs(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    files, bindings, rest = configs.split_gin_args(argv)
+    files, bindings, rest = gin_utils.split_gin_args(argv)
     p = argparse.ArgumentParser(prog="dss-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True)
     p.add_argument("--grid", action="append", default=[], help="NAME=V1,V2,... (repeatable; the grid is their product)")

@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_rationale_tokens and not (args.spm or args.train_vocab):
         p.error("--max_rationale_tokens counts tokens: pass --spm PATH or --train_vocab")
     if not args.verbose:
-        from dss_jax import configs
+        from dss_jax import logs
 
-        configs.quiet_data_layer_imports()
+        logs.quiet_data_layer_imports()
     try:
         data_dir = Path(args.data_dir) if args.data_dir else (None if args.user_jsonl else readers.default_data_dir())
         rows, shows = [], []

@@ -24,7 +24,7 @@ def test_specs_expand_to_every_arm_and_benchmark(tmp_path):
     curves = sweep.load_spec("paper_data_efficiency")
     assert len(sweep.plan_runs(tmp_path, [], [], curves, [])) == 3 * 4 * 5
     for arm_files in [*spec["arms"].values(), *curves["arms"].values()]:
-        assert all((sweep.configs.GIN_DIR / f).exists() for f in arm_files)
+        assert all((sweep.gin_utils.GIN_DIR / f).exists() for f in arm_files)
 
 
 def test_the_paper_column_is_table_2_as_printed():

@@ -120,8 +120,8 @@ def _truncate(step_dir):
 _RESTORE_EACH = """
 import sys
 from pathlib import Path
-from dss_jax import checkpoints, configs
-configs.setup_logging()  # as dss-eval: absl/orbax at ERROR
+from dss_jax import checkpoints, logs
+logs.setup_logging()  # as dss-eval: absl/orbax at ERROR
 for d in sys.argv[1:]:
     try:
         checkpoints.restore_train_params(Path(d) / "checkpoints" / "7", checkpoints.read_config(d))
