@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from dss_jax import checkpoints, convert, decoding, gin_utils, logs, partitioning, scoring
+from dss_jax.files import saved_steps
 from dss_jax.params import abstract_boxed_params
 
 # The run files' imports, so that --gin.NAME=VALUE overrides resolve (with --trust_config_gin, in one unit with
@@ -263,12 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         last_new = time.time()
         while time.time() - last_new < args.max_wait_s:
             ckpts = model_dir / "checkpoints"
-            steps = (
-                sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit() and (d / "state").is_dir())
-                if ckpts.exists()
-                else []
-            )
-            for s in [s for s in steps if s not in seen]:
+            for s in [s for s in saved_steps(ckpts) if s not in seen]:
                 result = evaluate(ckpts / str(s))
                 print(json.dumps(result), flush=True)
                 seen.add(s)
