@@ -183,7 +183,7 @@ def apply_partitioning_gin(args: argparse.Namespace, name: str) -> None:
     bindings (read as literals, never executed), so that what dss-plan measures is what a run including that file
     binds."""
     from dss_jax import gin_utils
-    from dss_jax.results import read_gin_values
+    from dss_jax.compare_runs import read_gin_values
 
     path = gin_utils.GIN_DIR / "partitioning" / f"{name}.gin"
     if not path.exists():

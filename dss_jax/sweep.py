@@ -1,9 +1,9 @@
 """``dss-sweep``: a grid of gin overrides run one after another, or emitted as launcher commands.
 
-    dss-sweep --gin_file=runs/quickstart.gin --root runs/sweep \
+    dss-sweep --gin_file=runs/quickstart.gin --root outputs/sweep \
         --grid losses.LossConfig.alpha=0.3,0.5,0.7 --grid registry.DataOptions.train_fraction=0.25,1.0 \
         [--gin.TRAIN_STEPS=100] [--launcher "python launch/tpu_vm.py --name X --zone Z --accelerator_type v4-8 --"]
-    dss-sweep --spec paper_t5_base --root runs/paper --gin.INIT_CHECKPOINT="'/ckpt/base'" \
+    dss-sweep --spec paper_t5_base --root outputs/paper --gin.INIT_CHECKPOINT="'/ckpt/base'" \
         --gin.SPM_PATH="'/ckpt/base/spiece.model'" [--only BENCHMARK="'svamp'"]
 
 Every combination trains into ``ROOT/<name>`` (``name`` from its overrides) with ``sweep.json`` recording
@@ -67,7 +67,7 @@ def load_spec(name: str) -> dict:
     return {**spec, "name": path.stem}
 
 
-def plan_runs(
+def expand_grid(
     root: Path, files: list[str], grid: list[str], spec: dict | None, only: list[str]
 ) -> list[tuple[Path, list[str], dict[str, str], str | None]]:
     """(model dir, gin files, overrides, arm) per run; ``only`` keeps the runs whose overrides match."""
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files and spec is None:
         p.error("--gin_file or --spec is required")
     root = Path(a.root)
-    runs = plan_runs(root, files, a.grid, spec, a.only)
+    runs = expand_grid(root, files, a.grid, spec, a.only)
     if not runs:
         p.error(f"no run matches --only {' '.join(a.only)}")
     failures = 0

@@ -35,7 +35,7 @@ from dss_jax import (
     metrics_log,
     partitioning,
     run_checkpoints,
-    run_report,
+    run_summary,
     scoring,
     trainer,
 )
@@ -256,7 +256,7 @@ def train(
         if evaluate_test and summary["best_step"] is not None:
             summary.update(test_on_best(run, summary["best_step"], report_train_examples))
         if jax.process_index() == 0:
-            run_report.plot_losses(run.model_dir)
+            run_summary.plot_losses(run.model_dir)
             (run.model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         writer.close()
         run.manager.close()
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "stopped_at" in summary:
         return 0
-    print(run_report.format_table(summary, Path(model_dir).resolve()))
+    print(run_summary.format_table(summary, Path(model_dir).resolve()))
     return 0
 
 

@@ -68,7 +68,7 @@ def test_plan_takes_a_gemma_partitioning_files_bindings():
     import argparse
 
     from dss_jax import plan
-    from dss_jax.results import read_gin_values
+    from dss_jax.compare_runs import read_gin_values
 
     name = "t5gemma2_270m_270m"
     v = read_gin_values(gin_utils.GIN_DIR / "partitioning" / f"{name}.gin")
