@@ -287,7 +287,7 @@ def test_damaged_steps_are_named_skipped_and_redone(tmp_path, toy_jsonl):
 @pytest.mark.slow
 def test_a_missing_data_position_dir_falls_back_like_a_missing_file(tmp_path, toy_jsonl):
     """``data/<step>/`` deleted whole: that step is damaged (named, moved aside) and the run resumes from the step
-    before, ending where the undamaged run ended (before: a TensorFlow NotFoundError traceback)."""
+    before, ending where the undamaged run ended, with no traceback."""
     run = tmp_path / "run"
     cmd = train_cmd(
         run,
@@ -330,7 +330,7 @@ def test_data_iterator_state_is_compressed_and_resumes_exactly(tmp_path):
     it = make()
     for _ in range(25):  # past the first epoch's end
         next(it)
-    it._ckpt.write(str(tmp_path / "legacy" / "process_0"))  # as written before: uncompressed
+    it._ckpt.write(str(tmp_path / "legacy" / "process_0"))  # the legacy, uncompressed format
     it.save(str(tmp_path / "s" / "process_0"))
     expected = [next(it)["x"] for _ in range(30)]
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
@@ -347,9 +347,9 @@ def test_data_iterator_state_is_compressed_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_a_long_run_keeps_data_states_only_for_kept_checkpoints(tmp_path, toy_jsonl):
-    """The issue's 10k steps with checkpoint_every 500 and keep 2, scaled down: 200 steps, a checkpoint every 10,
-    keep 2 (+ the best on validation): 20 saves leave at most 3 data-iterator states, each beside its checkpoint.
-    Before (issue 11): every save's data state stayed on disk (35 MB each for this toy run)."""
+    """10k steps with checkpoint_every 500 and keep 2, scaled down: 200 steps, a checkpoint every 10, keep 2 (+ the
+    best on validation): 20 saves leave at most 3 data-iterator states, each beside its checkpoint (35 MB each for
+    this toy run: they are pruned with their checkpoints)."""
     run = tmp_path / "long"
     cmd = train_cmd(
         run,

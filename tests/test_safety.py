@@ -226,8 +226,8 @@ def test_dss_eval_on_an_old_model_dir_says_how_to_proceed_and_runs_nothing(train
 
 @pytest.mark.slow
 def test_dss_eval_on_a_model_dir_without_its_model_config_names_the_file_and_the_way_back(trained, tmp_path):
-    """A copy of a model dir that lost dss_config.json: one line naming it and how to get it back (before: "not a
-    dss_jax pretrained checkpoint (make one with dss-convert)", which is about pretrained checkpoints)."""
+    """A copy of a model dir that lost dss_config.json: one line naming it and how to get it back (not a message
+    about pretrained checkpoints)."""
     copy = tmp_path / "copy"
     shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns("eval"))
     (copy / "dss_config.json").unlink()
@@ -259,8 +259,8 @@ def test_dss_eval_rejects_overrides_it_never_reads(trained):
 def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp_path):
     """dss-eval reads the vocabulary (spiece.model) and the data spec from the model dir: rewriting the training
     JSONL afterwards (other rows, other words: a vocabulary rebuilt from it tokenizes the same text differently)
-    changes neither predictions nor metrics. Before (issue 11): the vocabulary was rebuilt from the training data
-    named in config.gin, and the model was fed ids it never saw."""
+    changes neither predictions nor metrics: the model is never fed ids from a vocabulary rebuilt from the training
+    data named in config.gin."""
     import sentencepiece as spm
 
     from dss_jax.tasks import vocab
@@ -316,7 +316,7 @@ def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp
 
 @pytest.mark.slow
 def test_dss_train_on_rows_without_rationales_is_one_line_saying_what_to_do(tmp_path):
-    """The README allows rows without rationales; DSS learns from them. Before: a 36-line StopIteration traceback."""
+    """The README allows rows without rationales; DSS learns from them: one line saying what to do, no traceback."""
     f = tmp_path / "train.jsonl"
     f.write_text("".join(json.dumps({"input": f"w{i} x", "label": f"w{i}"}) + "\n" for i in range(40)))
     model_dir = tmp_path / "m"
