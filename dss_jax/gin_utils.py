@@ -91,7 +91,7 @@ def _tolerate_namespace_packages() -> None:
     so the TypeError ends the parse before the search path is tried. gin's public ``register_file_reader`` only
     appends readers; nothing public can wrap or reorder one. The wrapper answers "not there" for that TypeError.
     tests/test_gin_utils.py fails when gin changes the list this relies on."""
-    readers = gin.config._FILE_READERS  # noqa: SLF001 - see the docstring
+    readers = gin.config._FILE_READERS  # see the docstring
     for i, (reader, exists) in enumerate(readers):
         if getattr(exists, "tolerant", False):
             continue
@@ -160,6 +160,11 @@ class Binding:
 
 # The bindings of the last parse_gin, by (scope, complete selector, parameter); the last writer wins, as in gin.
 _BINDINGS: dict[tuple[str, str, str], Binding] = {}
+
+
+def written_bindings() -> list[Binding]:
+    """The bindings the last :func:`parse_gin` made, each with where it was written."""
+    return list(_BINDINGS.values())
 
 
 class _Placeholders(config_parser.ParserDelegate):
@@ -305,13 +310,13 @@ def _parameter_hints(selector: str) -> dict[str, object]:
     target = inspect.unwrap(fn.__init__ if isinstance(fn, type) else fn)
     try:
         return typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - resolve them one by one: an annotation that does not resolve is not checked
+    except Exception:  # resolve them one by one: an annotation that does not resolve is not checked
         hints: dict[str, object] = {}
         scope = getattr(target, "__globals__", None)
         for name, ann in getattr(target, "__annotations__", {}).items():
             try:
                 hints.update(typing.get_type_hints(type("_", (), {"__annotations__": {name: ann}}), globalns=scope))
-            except Exception:  # noqa: BLE001, S112
+            except Exception:
                 continue
         return hints
 

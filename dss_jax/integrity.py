@@ -91,7 +91,7 @@ def read_checksums(step_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
-    except Exception as e:  # noqa: BLE001 - any unreadable record is damage
+    except Exception as e:  # any unreadable record is damage
         raise CheckpointDamagedError(
             f"checkpoint step {Path(step_dir).name}: its checksum record is unreadable ({_first_line(e)})"
         ) from e
@@ -186,7 +186,7 @@ def stored_tree(state_dir: Path) -> Any:
     name = state_dir.parent.name
     try:
         meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
+    except Exception as e:  # unreadable metadata is damage
         raise CheckpointDamagedError(f"checkpoint step {name} is damaged: metadata unreadable ({_first_line(e)})") from e
     item = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     tree = getattr(item, "tree", None)
@@ -232,5 +232,5 @@ def read_or_damaged(fn: Any, step_dir: str | os.PathLike) -> Any:
         return fn()
     except CheckpointDamagedError:
         raise
-    except Exception as e:  # noqa: BLE001 - the shapes were checked first, so what fails here is the files
+    except Exception as e:  # the shapes were checked first, so what fails here is the files
         raise CheckpointDamagedError(f"checkpoint step {Path(step_dir).name} is damaged: unreadable ({_first_line(e)})") from e

@@ -11,7 +11,7 @@ from dss_jax import gin_utils
 
 def test_gins_file_reader_list_has_the_shape_gin_utils_wraps():
     """``gin.config._FILE_READERS``: a list of (reader, existence check) pairs holding the resource reader."""
-    readers = gin.config._FILE_READERS  # noqa: SLF001 - the one private internal gin_utils uses
+    readers = gin.config._FILE_READERS  # the one private internal gin_utils uses
     assert isinstance(readers, list)
     assert all(isinstance(r, tuple) and len(r) == 2 and callable(r[0]) and callable(r[1]) for r in readers)
     assert gin.resource_reader.system_path_reader in [r for r, _ in readers]
@@ -38,7 +38,7 @@ def test_bindings_are_traced_to_the_file_and_line_or_the_flag_that_wrote_them(tm
     gin.clear_config()
     try:
         gin_utils.parse_gin([str(user)], ["STEPS = 8", "model.T5Config.num_encoder_layers = 3"], finalize=False)
-        written = {(b.name, b.where) for b in gin_utils._BINDINGS.values()}  # noqa: SLF001
+        written = {(b.name, b.where) for b in gin_utils.written_bindings()}
         assert ("macro STEPS", "on the command line: STEPS = 8") in written  # the last writer wins, as in gin
         assert ("model.T5Config.num_encoder_layers", "on the command line: model.T5Config.num_encoder_layers = 3") in written
         assert ("model.T5Config.d_model", f"{gin_utils.GIN_DIR / 'models' / 't5_1_1_tiny.gin'}:11") in written
