@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 
 # DSS on e-SNLI with a tiny T5 from scratch, then standard finetuning with the same inputs per step, steps and
 # seed; each run prints its table (train subset / validation / test, trivial baselines), then both side by side.
-QS ?= runs/quickstart
+QS ?= outputs/quickstart
 quickstart: setup
 	$(BIN)/dss-train --gin_file=runs/quickstart.gin --model_dir=$(QS)/dss
 	$(BIN)/dss-train --gin_file=runs/quickstart_finetune.gin --model_dir=$(QS)/finetune

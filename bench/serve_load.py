@@ -1,6 +1,6 @@
 """A bounded load against dss-serve on loopback: requests/s, latency percentiles and batch fill; prints JSON.
 
-    python bench/serve_load.py --model_dir runs/quickstart/dss --requests 500 --concurrency 32 \
+    python bench/serve_load.py --model_dir outputs/quickstart/dss --requests 500 --concurrency 32 \
         [--max_batch 16] [--max_wait_ms 5] [--benchmark esnli] [--rationale]
 
 Starts ``dss-serve`` on a free 127.0.0.1 port with the given batching settings, sends ``--requests`` completions
@@ -70,7 +70,7 @@ async def _load(base: str, model: str, prompts: list[dict], n: int, concurrency:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True, help="a dss-train model dir (e.g. runs/quickstart/dss)")
+    p.add_argument("--model_dir", required=True, help="a dss-train model dir (e.g. outputs/quickstart/dss)")
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max_batch", type=int, default=16)

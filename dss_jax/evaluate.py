@@ -26,7 +26,8 @@ import gin
 import jax
 import numpy as np
 
-from dss_jax import checkpoints, configs, convert, decoding, partitioning, scoring
+from dss_jax import checkpoints, convert, decoding, gin_utils, logs, partitioning, scoring
+from dss_jax.files import saved_steps
 from dss_jax.params import abstract_boxed_params
 
 # The run files' imports, so that --gin.NAME=VALUE overrides resolve (with --trust_config_gin, in one unit with
@@ -64,9 +65,9 @@ def _load_data(model_dir: Path, files: list[str], bindings: list[str], trust_con
             "if you trust this model dir, rerun with --trust_config_gin"
         )
     if spec is None:
-        configs.parse_gin([str(model_dir / "config.gin"), *files], [_DATA_BINDING, *_MESH_DEFAULT, *bindings], finalize=False)
+        gin_utils.parse_gin([str(model_dir / "config.gin"), *files], [_DATA_BINDING, *_MESH_DEFAULT, *bindings], finalize=False)
         return make_data()
-    configs.parse_gin(files, [_GIN_IMPORTS, *_MESH_DEFAULT, *bindings], finalize=False)
+    gin_utils.parse_gin(files, [_GIN_IMPORTS, *_MESH_DEFAULT, *bindings], finalize=False)
     from dss_jax.tasks import pipeline, vocab
 
     return pipeline.SeqioData.from_spec(spec, vocab.load_vocabulary(model_dir / "spiece.model"))
@@ -200,7 +201,7 @@ def _decode_all(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    files, bindings, rest = configs.split_gin_args(argv)
+    files, bindings, rest = gin_utils.split_gin_args(argv)
     p = argparse.ArgumentParser(prog="dss-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True)
     p.add_argument("--checkpoint", default=None, help="checkpoints/<step> dir (default: best, else latest)")
@@ -225,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up messages")
     args = p.parse_args(rest)
-    configs.setup_logging()
+    logs.setup_logging()
     if not args.verbose:
-        configs.quiet_data_layer_imports()
+        logs.quiet_data_layer_imports()
     model_dir = Path(args.model_dir).resolve()
     out_dir = Path(args.output_dir) if args.output_dir else model_dir / "eval"
     try:
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_model_config(model_dir)
         # a binding that nothing reads is an error (the mesh is made per checkpoint; a trusted config.gin is the
         # training run's, mostly unread here)
-        configs.check_bindings_read("dss-eval", pending=["partitioning.MeshConfig"], exempt_files=[model_dir / "config.gin"])
+        gin_utils.check_bindings_read("dss-eval", pending=["partitioning.MeshConfig"], exempt_files=[model_dir / "config.gin"])
         if args.export_hf:
             step_dir = checkpoints.resolve_step_dir(args.checkpoint or model_dir)
             cfg = checkpoints.read_config(model_dir)
@@ -263,12 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         last_new = time.time()
         while time.time() - last_new < args.max_wait_s:
             ckpts = model_dir / "checkpoints"
-            steps = (
-                sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit() and (d / "state").is_dir())
-                if ckpts.exists()
-                else []
-            )
-            for s in [s for s in steps if s not in seen]:
+            for s in [s for s in saved_steps(ckpts) if s not in seen]:
                 result = evaluate(ckpts / str(s))
                 print(json.dumps(result), flush=True)
                 seen.add(s)

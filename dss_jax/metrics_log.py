@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 
+from dss_jax.files import atomic_write
+
 
 class RateMeter:
     """Examples/s and real (non-padding) tokens/s between log steps, measured after the device finished them.
@@ -79,9 +81,7 @@ def truncate_metrics(path: Path, resumed_step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", 0) <= resumed_step:
             keep.append(line + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(keep))
 
 
 class MetricsWriter:

@@ -182,10 +182,10 @@ def apply_partitioning_gin(args: argparse.Namespace, name: str) -> None:
     """Sets the mesh, remat, scan (and microbatches, where bound) arguments from a partitioning gin file's
     bindings (read as literals, never executed), so that what dss-plan measures is what a run including that file
     binds."""
-    from dss_jax import configs
-    from dss_jax.results import read_gin_values
+    from dss_jax import gin_utils
+    from dss_jax.compare_runs import read_gin_values
 
-    path = configs.GIN_DIR / "partitioning" / f"{name}.gin"
+    path = gin_utils.GIN_DIR / "partitioning" / f"{name}.gin"
     if not path.exists():
         raise FileNotFoundError(f"no {path}")
     v = read_gin_values(path)

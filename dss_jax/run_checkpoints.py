@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dss_jax import checkpoints, trainer
+from dss_jax import integrity, trainer
 from dss_jax.model import ModelConfig
 
 log = logging.getLogger("dss_jax.train")
@@ -122,13 +122,13 @@ def save(
     committed step lacks them); ``accuracy`` (validation) feeds keep-best. Prunes data positions left orphaned."""
     prefix = data_path(model_dir, step)
     train_iter.save(prefix)
-    checkpoints.write_file_digests(prefix)
+    integrity.write_file_digests(prefix)
     manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"step": step, "model_config": model_config.to_dict()}),
-            **{checkpoints.CHECKSUM_ITEM: ocp.args.JsonSave(checkpoints.checksum_record(state))},
+            **{integrity.CHECKSUM_ITEM: ocp.args.JsonSave(integrity.checksum_record(state))},
         ),
         metrics=None if accuracy is None else {"accuracy": accuracy},
         force=True,
@@ -141,7 +141,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, layout: trainer.Sta
     the checksums saved with it. Unreadable files or differing values raise CheckpointDamagedError; a state of
     another model or optimizer raises ValueError (a config error, not damage: nothing falls back)."""
     step_dir = Path(str(manager.directory)) / str(step)
-    stored = sorted(checkpoints.stored_leaf_shapes(step_dir / "state"))
+    stored = sorted(integrity.stored_leaf_shapes(step_dir / "state"))
     want = sorted(tuple(a.shape) for a in jax.tree.leaves(layout.abstract))
     if stored != want:
         raise ValueError(
@@ -149,11 +149,11 @@ def restore_state(manager: ocp.CheckpointManager, step: int, layout: trainer.Sta
             f"{len(want)}): use another --model_dir, or the gin config that wrote it"
         )
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
-    state = checkpoints.read_or_damaged(
+    state = integrity.read_or_damaged(
         lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], step_dir
     )
-    legacy = not checkpoints.checksums_expected(step_dir)
-    checkpoints.verify_checksums(state, checkpoints.read_checksums(step_dir), step_dir, legacy)
+    legacy = not integrity.checksums_expected(step_dir)
+    integrity.verify_checksums(state, integrity.read_checksums(step_dir), step_dir, legacy)
     return state
 
 
@@ -170,15 +170,15 @@ def _read_step(manager: ocp.CheckpointManager, model_dir: Path, step: int, layou
     """(state, None) for an intact step, (None, the error) for a damaged one."""
     try:
         state = restore_state(manager, step, layout)
-        legacy = not checkpoints.checksums_expected(model_dir / "checkpoints" / str(step))
+        legacy = not integrity.checksums_expected(model_dir / "checkpoints" / str(step))
         position = Path(data_path(model_dir, step))
         if not legacy and not position.parent.is_dir():  # every save writes it, with a digest record at least
-            raise checkpoints.CheckpointDamagedError(
+            raise integrity.CheckpointDamagedError(
                 f"checkpoint step {step}: its data-iterator state {position.parent} is missing"
             )
-        checkpoints.verify_file_digests(position, step, legacy)
+        integrity.verify_file_digests(position, step, legacy)
         return state, None
-    except checkpoints.CheckpointDamagedError as e:
+    except integrity.CheckpointDamagedError as e:
         return None, e
 
 
@@ -244,7 +244,7 @@ def prune_data(model_dir: Path, keep: set[int]) -> None:
         if not d.name.isdigit() or int(d.name) in keep:
             continue
         for f in d.iterdir():
-            if not (f.name.startswith(f"process_{pid}_") or f.name == f"process_{pid}{checkpoints.DATA_DIGEST_SUFFIX}"):
+            if not (f.name.startswith(f"process_{pid}_") or f.name == f"process_{pid}{integrity.DATA_DIGEST_SUFFIX}"):
                 continue
             if f.is_dir():
                 shutil.rmtree(f, ignore_errors=True)

@@ -1,9 +1,9 @@
 """``dss-sweep``: a grid of gin overrides run one after another, or emitted as launcher commands.
 
-    dss-sweep --gin_file=runs/quickstart.gin --root runs/sweep \
+    dss-sweep --gin_file=runs/quickstart.gin --root outputs/sweep \
         --grid losses.LossConfig.alpha=0.3,0.5,0.7 --grid registry.DataOptions.train_fraction=0.25,1.0 \
         [--gin.TRAIN_STEPS=100] [--launcher "python launch/tpu_vm.py --name X --zone Z --accelerator_type v4-8 --"]
-    dss-sweep --spec paper_t5_base --root runs/paper --gin.INIT_CHECKPOINT="'/ckpt/base'" \
+    dss-sweep --spec paper_t5_base --root outputs/paper --gin.INIT_CHECKPOINT="'/ckpt/base'" \
         --gin.SPM_PATH="'/ckpt/base/spiece.model'" [--only BENCHMARK="'svamp'"]
 
 Every combination trains into ``ROOT/<name>`` (``name`` from its overrides) with ``sweep.json`` recording
@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dss_jax import configs
+from dss_jax import gin_utils
 
 
 def expand(grid: list[str]) -> list[dict[str, str]]:
@@ -53,9 +53,9 @@ def _unquote(v: str) -> str:
 
 def load_spec(name: str) -> dict:
     """A sweep spec by name (gin/sweeps/NAME.json) or path; errors name the file and the missing field."""
-    path = Path(name) if name.endswith(".json") else configs.GIN_DIR / "sweeps" / f"{name}.json"
+    path = Path(name) if name.endswith(".json") else gin_utils.GIN_DIR / "sweeps" / f"{name}.json"
     if not path.exists():
-        known = sorted(p.stem for p in (configs.GIN_DIR / "sweeps").glob("*.json"))
+        known = sorted(p.stem for p in (gin_utils.GIN_DIR / "sweeps").glob("*.json"))
         raise SystemExit(f"dss-sweep: no sweep spec {path} (known: {', '.join(known)})")
     try:
         spec = json.loads(path.read_text())
@@ -67,7 +67,7 @@ def load_spec(name: str) -> dict:
     return {**spec, "name": path.stem}
 
 
-def plan_runs(
+def expand_grid(
     root: Path, files: list[str], grid: list[str], spec: dict | None, only: list[str]
 ) -> list[tuple[Path, list[str], dict[str, str], str | None]]:
     """(model dir, gin files, overrides, arm) per run; ``only`` keeps the runs whose overrides match."""
@@ -90,7 +90,7 @@ def plan_runs(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    files, bindings, rest = configs.split_gin_args(argv)
+    files, bindings, rest = gin_utils.split_gin_args(argv)
     p = argparse.ArgumentParser(prog="dss-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True)
     p.add_argument("--grid", action="append", default=[], help="NAME=V1,V2,... (repeatable; the grid is their product)")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files and spec is None:
         p.error("--gin_file or --spec is required")
     root = Path(a.root)
-    runs = plan_runs(root, files, a.grid, spec, a.only)
+    runs = expand_grid(root, files, a.grid, spec, a.only)
     if not runs:
         p.error(f"no run matches --only {' '.join(a.only)}")
     failures = 0

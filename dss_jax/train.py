@@ -29,12 +29,13 @@ import orbax.checkpoint as ocp
 from dss_jax import (
     batching,
     checkpoints,
-    configs,
+    gin_utils,
+    logs,
     losses,
     metrics_log,
     partitioning,
     run_checkpoints,
-    run_report,
+    run_summary,
     scoring,
     trainer,
 )
@@ -226,7 +227,7 @@ def train(
     _check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
     _check_schedule(num_steps, eval_every, checkpoint_every, keep_checkpoints, log_every)
     _check_mesh(batch_size, mesh_config)
-    configs.check_bindings_read("dss-train", pending=CALLED_LATER)  # a binding nothing reads (checked again below)
+    gin_utils.check_bindings_read("dss-train", pending=CALLED_LATER)  # a binding nothing reads (checked again below)
     _make_model_dir(model_dir_path)
     with run_checkpoints.exclusive(model_dir_path):  # one writer per model dir, until this run ends or dies
         run, loop = setup(
@@ -246,7 +247,7 @@ def train(
             input_shards=input_shards,
             on_nonfinite=on_nonfinite,
         )
-        configs.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
+        gin_utils.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
         writer = metrics_log.MetricsWriter(run.model_dir, int(jax.device_get(loop.state.step)))
         train_loop(run, Schedule(num_steps, log_every, eval_every, checkpoint_every), loop, writer, progress)
         if loop.stopped_at is not None:
@@ -255,7 +256,7 @@ def train(
         if evaluate_test and summary["best_step"] is not None:
             summary.update(test_on_best(run, summary["best_step"], report_train_examples))
         if jax.process_index() == 0:
-            run_report.plot_losses(run.model_dir)
+            run_summary.plot_losses(run.model_dir)
             (run.model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         writer.close()
         run.manager.close()
@@ -539,9 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("Flags: --gin_file=FILE (repeatable), --gin.NAME=VALUE (repeatable), --model_dir=DIR, --verbose")
         print("(--verbose keeps TensorFlow's and XLA's start-up messages, hidden by default).")
-        print("Run gin files: " + ", ".join(sorted(p.name for p in (configs.GIN_DIR / "runs").glob("*.gin"))))
+        print("Run gin files: " + ", ".join(sorted(p.name for p in (gin_utils.GIN_DIR / "runs").glob("*.gin"))))
         return 0
-    files, bindings, rest = configs.split_gin_args(argv)
+    files, bindings, rest = gin_utils.split_gin_args(argv)
     model_dir, verbose = None, False
     for arg in rest:
         if arg == "--verbose":
@@ -555,13 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         print("dss-train: --gin_file is required (see --help)", file=sys.stderr)
         return 2
     if not verbose:
-        configs.quiet_data_layer_imports()
-    configs.setup_logging()
+        logs.quiet_data_layer_imports()
+    logs.setup_logging()
     partitioning.maybe_initialize_distributed()
-    configs.parse_gin(files, bindings)
+    gin_utils.parse_gin(files, bindings)
     if model_dir is None:
         try:
-            model_dir = configs.query_macro("MODEL_DIR")
+            model_dir = gin_utils.query_macro("MODEL_DIR")
         except ValueError:
             print("dss-train: pass --model_dir=DIR (or bind MODEL_DIR in gin)", file=sys.stderr)
             return 2
@@ -571,14 +572,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dss-train: {e}", file=sys.stderr)
         return 3
     except run_checkpoints.ModelDirBusyError as e:
-        print(f"dss-train: error: {configs.error_text(e)}", file=sys.stderr)
+        print(f"dss-train: error: {gin_utils.error_text(e)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:  # bad config or data: gin's message names the binding
-        print(f"dss-train: error: {configs.error_text(e)}", file=sys.stderr)
+        print(f"dss-train: error: {gin_utils.error_text(e)}", file=sys.stderr)
         return 2
     if "stopped_at" in summary:
         return 0
-    print(run_report.format_table(summary, Path(model_dir).resolve()))
+    print(run_summary.format_table(summary, Path(model_dir).resolve()))
     return 0
 
 

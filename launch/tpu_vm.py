@@ -4,7 +4,7 @@
     pip install -e '.[launch]'     # the sdist build step needs the `build` frontend
     python launch/tpu_vm.py --name dss-v4-64 --zone us-central2-b --accelerator_type v4-64 \
         [--version RUNTIME] [--queued --spot] [--dry_run] -- \
-        dss-train --gin_file=runs/dss.gin --gin_file=partitioning/xxl.gin --model_dir=gs://bucket/runs/cqa_xxl ...
+        dss-train --gin_file=runs/dss.gin --gin_file=partitioning/xxl.gin --model_dir=gs://bucket/outputs/cqa_xxl ...
 
 Steps: create the TPU VM (or a queued resource) unless it exists; build an sdist of this checkout and copy it
 to every worker; install it with the ``tpu`` extra; run the command on all workers at once with

@@ -19,6 +19,8 @@ from pathlib import Path
 import gin
 import seqio
 
+from dss_jax.files import atomic_write
+
 EXTRA_IDS = 0
 # SentencePiece special ids per convention: "t5" (T5 and Flan-T5 students) or "gemma" (T5Gemma, T5Gemma 2).
 SPECIAL_IDS = {
@@ -68,9 +70,7 @@ def train_sentencepiece(
         minloglevel=2,
         num_threads=2,
     )
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out)  # atomic: a concurrent or interrupted run never sees half a model
+    atomic_write(out, model.getvalue())  # a concurrent or interrupted run never sees half a model
     return out
 
 

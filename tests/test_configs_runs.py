@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dss_jax import configs, optim
+from dss_jax import configs, gin_utils, optim
 
 RUN_MACROS = {
     "dss.gin": ["INIT_CHECKPOINT = '/ckpt'", "SPM_PATH = '/ckpt/spiece.model'"],
@@ -24,7 +24,7 @@ RUN_MACROS = {
 def test_run_gin_files_parse_and_bind_the_papers_recipe(run):
     gin.clear_config()
     try:
-        configs.parse_gin([f"runs/{run}"], RUN_MACROS[run])
+        gin_utils.parse_gin([f"runs/{run}"], RUN_MACROS[run])
         assert gin.query_parameter("train.train.num_steps") is not None
         if run != "quickstart.gin":
             assert gin.query_parameter("optim.learning_rate_schedule.base_learning_rate") == 5e-5

@@ -207,7 +207,7 @@ def test_nli_inputs_join_premise_and_hypothesis_with_eos(tmp_path):
 @pytest.mark.slow
 def test_dss_data_cli_prints_counts_and_teacher_accuracy():
     r = subprocess.run(
-        [sys.executable, "-m", "dss_jax.tasks.report", "--benchmark", "cqa", "svamp", "--json"],
+        [sys.executable, "-m", "dss_jax.tasks.data_stats", "--benchmark", "cqa", "svamp", "--json"],
         capture_output=True,
         text=True,
         env={**__import__("os").environ, "DSS_DATA_DIR": str(SHARED_DATA)},
@@ -223,7 +223,7 @@ def test_dss_data_cli_prints_counts_and_teacher_accuracy():
 def test_dss_data_cli_names_a_bad_file(tmp_path):
     f = write_toy_jsonl(tmp_path / "t.jsonl", 3)
     f.write_text(f.read_text() + "{oops\n")
-    r = subprocess.run([sys.executable, "-m", "dss_jax.tasks.report", "--user_jsonl", str(f)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "dss_jax.tasks.data_stats", "--user_jsonl", str(f)], capture_output=True, text=True)
     assert r.returncode == 2 and "t.jsonl:4: malformed JSON" in r.stderr
 
 

@@ -58,7 +58,7 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)
     assert len(_losses(multi)) == 10
     # each process wrote its own data-iterator position, and its digest (verified at resume)
-    from dss_jax.checkpoints import DATA_DIGEST_SUFFIX
+    from dss_jax.integrity import DATA_DIGEST_SUFFIX
 
     files = [p.name for p in (multi / "data" / "10").iterdir()]
     written = {n.split(".")[0] for n in files if not n.endswith(DATA_DIGEST_SUFFIX)}

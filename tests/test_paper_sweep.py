@@ -9,22 +9,22 @@ import sys
 import pytest
 from conftest import SHARED_DATA, xla_env
 
-from dss_jax import results, sweep
+from dss_jax import compare_runs, sweep
 
 
 def test_specs_expand_to_every_arm_and_benchmark(tmp_path):
     spec = sweep.load_spec("paper_t5_base")
-    runs = sweep.plan_runs(tmp_path, [], [], spec, [])
+    runs = sweep.expand_grid(tmp_path, [], [], spec, [])
     assert len(runs) == 16  # 4 methods x 4 benchmarks
     assert {r[3] for r in runs} == {"finetune", "distill", "single_task", "dss"}
-    dss_svamp = [r for r in sweep.plan_runs(tmp_path, ["extra.gin"], [], spec, ["BENCHMARK=svamp"]) if r[3] == "dss"]
+    dss_svamp = [r for r in sweep.expand_grid(tmp_path, ["extra.gin"], [], spec, ["BENCHMARK=svamp"]) if r[3] == "dss"]
     assert [(r[0].relative_to(tmp_path).as_posix(), r[1]) for r in dss_svamp] == [
         ("dss/BENCHMARK=svamp", ["runs/dss.gin", "extra.gin"])
     ]
     curves = sweep.load_spec("paper_data_efficiency")
-    assert len(sweep.plan_runs(tmp_path, [], [], curves, [])) == 3 * 4 * 5
+    assert len(sweep.expand_grid(tmp_path, [], [], curves, [])) == 3 * 4 * 5
     for arm_files in [*spec["arms"].values(), *curves["arms"].values()]:
-        assert all((sweep.configs.GIN_DIR / f).exists() for f in arm_files)
+        assert all((sweep.gin_utils.GIN_DIR / f).exists() for f in arm_files)
 
 
 def test_the_paper_column_is_table_2_as_printed():
@@ -50,7 +50,7 @@ def test_seeds_pool_into_mean_and_spread():
         {"benchmark": "esnli", "method": m, "alpha": 0.5, "train_fraction": 1.0, "seed": s, "test_accuracy": acc}
         for m, s, acc in [("dss", 0, 40.0), ("dss", 1, 44.0), ("dss", 2, 42.0), ("finetune", 0, 45.0)]
     ]
-    pooled = {r["method"]: r for r in results.aggregate(rows)}
+    pooled = {r["method"]: r for r in compare_runs.aggregate(rows)}
     assert pooled["dss"]["seeds"] == "0,1,2"
     assert pooled["dss"]["test_accuracy_mean"] == pytest.approx(42.0)
     assert pooled["dss"]["test_accuracy_sd"] == pytest.approx(2.0)
@@ -93,9 +93,9 @@ def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
         summary = json.loads((root / arm / "BENCHMARK=svamp" / "summary.json").read_text())
         assert summary["splits"]["test"]["examples"] == summary["splits"]["test"]["total"] == 200
 
-    r = subprocess.run([sys.executable, "-m", "dss_jax.results", f"--root={root}"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {row["method"]: row for row in results.aggregate(results.collect(root))}
+    rows = {row["method"]: row for row in compare_runs.aggregate(compare_runs.collect(root))}
     assert rows["finetune"]["paper_test_accuracy"] == 62.63
     assert rows["single_task"]["paper_test_accuracy"] == 63.0
     assert rows["dss"]["paper_test_accuracy"] == 65.5

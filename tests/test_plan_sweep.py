@@ -119,7 +119,7 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == ["alpha=0.3,train_fraction=0.5", "alpha=0.7,train_fraction=0.5"]
-    r = subprocess.run([sys.executable, "-m", "dss_jax.results", f"--root={root}"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     table = (root / "report" / "results.md").read_text()
     assert "| alpha=0.3,train_fraction=0.5 | toy | dss | gold | 0.30 | 0.50 |" in table

@@ -7,7 +7,7 @@ import gin
 import pytest
 from conftest import SHARED_DATA
 
-from dss_jax import configs
+from dss_jax import gin_utils
 from dss_jax.tasks import baselines, readers
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/dss is not beside the repo")
@@ -58,7 +58,7 @@ def test_quickstart_dss_and_finetuning_take_the_same_inputs_per_step():
     counts = {}
     for run in ("runs/quickstart.gin", "runs/quickstart_finetune.gin"):
         gin.clear_config()
-        configs.parse_gin([run], ["TRAIN_STEPS = 2"])
+        gin_utils.parse_gin([run], ["TRAIN_STEPS = 2"])
         try:
             n_inputs = gin.query_parameter("%INPUTS_PER_STEP")
             rows = gin.query_parameter("train.train.batch_size")

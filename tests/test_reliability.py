@@ -16,7 +16,7 @@ from conftest import train_cmd, xla_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dss_jax import checkpoints, configs, metrics_log
+from dss_jax import checkpoints, configs, integrity, metrics_log
 
 
 def _strict_rows(model_dir):
@@ -48,18 +48,18 @@ def test_checksums_are_mesh_independent_and_catch_small_changes():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 48)).astype(np.float32)
     tree = {"params": {"a": a, "b": rng.standard_normal((7,)).astype(jnp.bfloat16)}, "step": np.int32(3)}
-    ref = checkpoints.tree_checksums(tree)
+    ref = integrity.tree_checksums(tree)
     mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharded = {
         "params": {"a": jax.device_put(a, NamedSharding(mesh, P("y", "x"))), "b": tree["params"]["b"]},
         "step": tree["step"],
     }
-    assert checkpoints.tree_checksums(sharded) == ref  # order-free sums: any mesh gives the same bits
+    assert integrity.tree_checksums(sharded) == ref  # order-free sums: any mesh gives the same bits
     swapped, signs = a.copy(), a.copy()
     swapped[[3, 4], [4, 3]] = swapped[[4, 3], [3, 4]]
     signs[0, :2] = -signs[0, :2]  # two sign bits: invisible to plain and position-weighted sums
     for changed in (swapped, signs):
-        assert checkpoints.tree_checksums({**tree, "params": {**tree["params"], "a": changed}})["params/a"] != ref["params/a"]
+        assert integrity.tree_checksums({**tree, "params": {**tree["params"], "a": changed}})["params/a"] != ref["params/a"]
 
 
 def test_restored_values_that_differ_from_the_saved_checksums_name_the_step(tmp_path):
@@ -68,16 +68,16 @@ def test_restored_values_that_differ_from_the_saved_checksums_name_the_step(tmp_
     with ocp.CheckpointManager(tmp_path / "checkpoints") as mgr:
         args = {
             "state": ocp.args.StandardSave(tree),
-            checkpoints.CHECKSUM_ITEM: ocp.args.JsonSave(checkpoints.checksum_record(tree)),
+            integrity.CHECKSUM_ITEM: ocp.args.JsonSave(integrity.checksum_record(tree)),
         }
         mgr.save(7, args=ocp.args.Composite(**args))
-    record = checkpoints.read_checksums(step_dir)
-    checkpoints.verify_checksums(tree, record, step_dir, trusted_without=False)
+    record = integrity.read_checksums(step_dir)
+    integrity.verify_checksums(tree, record, step_dir, trusted_without=False)
     bad = {"params": {"w": tree["params"]["w"] + np.eye(3, 4, dtype=np.float32)}}
-    with pytest.raises(checkpoints.CheckpointDamagedError, match=r"step 7 is damaged: 1 of 1 arrays .*params/w"):
-        checkpoints.verify_checksums(bad, record, step_dir, trusted_without=False)
-    with pytest.raises(checkpoints.CheckpointDamagedError, match="step 7 has no checksum record"):
-        checkpoints.verify_checksums(tree, None, step_dir, trusted_without=False)
+    with pytest.raises(integrity.CheckpointDamagedError, match=r"step 7 is damaged: 1 of 1 arrays .*params/w"):
+        integrity.verify_checksums(bad, record, step_dir, trusted_without=False)
+    with pytest.raises(integrity.CheckpointDamagedError, match="step 7 has no checksum record"):
+        integrity.verify_checksums(tree, None, step_dir, trusted_without=False)
 
 
 def test_strict_metric_rows_and_truncation_after_resume(tmp_path):
@@ -120,13 +120,13 @@ def _truncate(step_dir):
 _RESTORE_EACH = """
 import sys
 from pathlib import Path
-from dss_jax import checkpoints, configs
-configs.setup_logging()  # as dss-eval: absl/orbax at ERROR
+from dss_jax import checkpoints, integrity, logs
+logs.setup_logging()  # as dss-eval: absl/orbax at ERROR
 for d in sys.argv[1:]:
     try:
         checkpoints.restore_train_params(Path(d) / "checkpoints" / "7", checkpoints.read_config(d))
         print("restored", file=sys.stderr)
-    except checkpoints.CheckpointDamagedError as e:
+    except integrity.CheckpointDamagedError as e:
         print(f"damaged: {e}", file=sys.stderr)
 """
 
@@ -153,7 +153,7 @@ def test_damaged_checkpoint_metadata_is_one_line_without_a_traceback(tmp_path):
         for step in (6, 7):
             args = {
                 "state": ocp.args.StandardSave(tree),
-                checkpoints.CHECKSUM_ITEM: ocp.args.JsonSave(checkpoints.checksum_record(tree)),
+                integrity.CHECKSUM_ITEM: ocp.args.JsonSave(integrity.checksum_record(tree)),
             }
             mgr.save(step, args=ocp.args.Composite(**args))
     (base / checkpoints.CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
@@ -189,7 +189,7 @@ def test_damaged_checkpoint_metadata_is_one_line_without_a_traceback(tmp_path):
 
 _ABANDONED_READ = """
 import gc, sys
-from dss_jax import checkpoints
+from dss_jax import integrity
 
 class Pending:
     def __await__(self):
@@ -205,7 +205,7 @@ class Unrelated:
     def __del__(self):
         raise ValueError("an unrelated error in a finalizer")
 
-checkpoints._quiet_abandoned_reads()
+integrity._quiet_abandoned_reads()
 read = _read_array_index_and_device_put()
 read.send(None)  # in flight when the restore gave up on it
 del read
@@ -287,7 +287,7 @@ def test_damaged_steps_are_named_skipped_and_redone(tmp_path, toy_jsonl):
 @pytest.mark.slow
 def test_a_missing_data_position_dir_falls_back_like_a_missing_file(tmp_path, toy_jsonl):
     """``data/<step>/`` deleted whole: that step is damaged (named, moved aside) and the run resumes from the step
-    before, ending where the undamaged run ended (before: a TensorFlow NotFoundError traceback)."""
+    before, ending where the undamaged run ended, with no traceback."""
     run = tmp_path / "run"
     cmd = train_cmd(
         run,
@@ -330,7 +330,7 @@ def test_data_iterator_state_is_compressed_and_resumes_exactly(tmp_path):
     it = make()
     for _ in range(25):  # past the first epoch's end
         next(it)
-    it._ckpt.write(str(tmp_path / "legacy" / "process_0"))  # as written before: uncompressed
+    it._ckpt.write(str(tmp_path / "legacy" / "process_0"))  # the legacy, uncompressed format
     it.save(str(tmp_path / "s" / "process_0"))
     expected = [next(it)["x"] for _ in range(30)]
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
@@ -347,9 +347,9 @@ def test_data_iterator_state_is_compressed_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_a_long_run_keeps_data_states_only_for_kept_checkpoints(tmp_path, toy_jsonl):
-    """The issue's 10k steps with checkpoint_every 500 and keep 2, scaled down: 200 steps, a checkpoint every 10,
-    keep 2 (+ the best on validation): 20 saves leave at most 3 data-iterator states, each beside its checkpoint.
-    Before (issue 11): every save's data state stayed on disk (35 MB each for this toy run)."""
+    """10k steps with checkpoint_every 500 and keep 2, scaled down: 200 steps, a checkpoint every 10, keep 2 (+ the
+    best on validation): 20 saves leave at most 3 data-iterator states, each beside its checkpoint (35 MB each for
+    this toy run: they are pruned with their checkpoints)."""
     run = tmp_path / "long"
     cmd = train_cmd(
         run,

@@ -12,7 +12,7 @@ import gin
 import pytest
 from conftest import REPO, TOY_GIN, train_cmd, write_toy_jsonl, xla_env
 
-from dss_jax import configs
+from dss_jax import gin_utils
 
 
 def _error_lines(stderr: str, prog: str) -> list[str]:
@@ -46,23 +46,23 @@ def test_unread_bindings_are_named_with_where_they_were_written(tmp_path):
     )
     gin.clear_config()
     try:
-        configs.parse_gin([str(user)], ["losses.LossConfig.mode = 'token_mean'"], finalize=False)
+        gin_utils.parse_gin([str(user)], ["losses.LossConfig.mode = 'token_mean'"], finalize=False)
         partitioning.MeshConfig(data=1)  # the caller passes data: the bound 2 is never used
-        unread = configs.unread_bindings()
+        unread = gin_utils.unread_bindings()
         assert f"partitioning.MeshConfig.data ({user}:9)" in unread
-        assert f"macro STEPZ ({user}:7)" in unread
+        assert f"macro STEPZ ({user}:7; did you mean STEPS?)" in unread  # the closest macro a binding references
         assert f"losses.LossConfig.alpha ({user}:10)" in unread
         assert "losses.LossConfig.mode (on the command line: losses.LossConfig.mode = 'token_mean')" in unread
         assert not any("fsdp" in u or "T5Config" in u or "MODEL_CONFIG" in u for u in unread)
         # what the job calls later, and what its bindings reference (the schedule, STEPS), is not reported yet
-        later = configs.unread_bindings(pending=["optim.make_optimizer"])
-        assert not any("optim." in u or "STEPS" in u for u in later) and any("optim." in u for u in unread)
+        later = gin_utils.unread_bindings(pending=["optim.make_optimizer"])
+        assert not any(u.startswith(("optim.", "macro STEPS ")) for u in later) and any("optim." in u for u in unread)
         losses.LossConfig()
-        with pytest.raises(configs.UnreadBindingError, match=r"^gin bindings that dss-x never reads: .*STEPZ"):
-            configs.check_bindings_read("dss-x", pending=["optim.make_optimizer"])
-        assert not any("LossConfig" in u for u in configs.unread_bindings())
-        optim.learning_rate_schedule()  # reads STEPS: the closest macro that is read is suggested
-        assert f"macro STEPZ ({user}:7; did you mean STEPS?)" in configs.unread_bindings()
+        with pytest.raises(gin_utils.UnreadBindingError, match=r"^gin bindings that dss-x never reads: .*STEPZ"):
+            gin_utils.check_bindings_read("dss-x", pending=["optim.make_optimizer"])
+        assert not any("LossConfig" in u for u in gin_utils.unread_bindings())
+        optim.learning_rate_schedule()  # reads STEPS
+        assert f"macro STEPZ ({user}:7; did you mean STEPS?)" in gin_utils.unread_bindings()
     finally:
         gin.clear_config()
 
@@ -111,20 +111,20 @@ def test_gin_values_of_the_wrong_type_are_named_with_where_they_were_written(tmp
     gin.clear_config()
     try:
         with pytest.raises(SystemExit):
-            configs.parse_gin([str(user)], ["USER_TRAIN = 'x.jsonl'", "train.train.batch_size = 'x'"], finalize=False)
-        wrong = configs.binding_type_errors()
+            gin_utils.parse_gin([str(user)], ["USER_TRAIN = 'x.jsonl'", "train.train.batch_size = 'x'"], finalize=False)
+        wrong = gin_utils.binding_type_errors()
         assert f"optim.learning_rate_schedule.base_learning_rate = 'fast' ({user}:3): expected a number" in wrong
         assert "train.train.batch_size = 'x' (on the command line: train.train.batch_size = 'x'): expected an integer" in wrong
         gin.clear_config()
         with pytest.raises(SystemExit):
-            configs.parse_gin([TOY_GIN], ["USER_TRAIN = 'x.jsonl'", "TRAIN_STEPS = 2.5"], finalize=False)
+            gin_utils.parse_gin([TOY_GIN], ["USER_TRAIN = 'x.jsonl'", "TRAIN_STEPS = 2.5"], finalize=False)
         assert any(
-            w.startswith("train.train.num_steps = %TRAIN_STEPS = 2.5 (macro TRAIN_STEPS") for w in configs.binding_type_errors()
+            w.startswith("train.train.num_steps = %TRAIN_STEPS = 2.5 (macro TRAIN_STEPS") for w in gin_utils.binding_type_errors()
         )
-        for f in sorted((configs.GIN_DIR / "runs").glob("*.gin")):
+        for f in sorted((gin_utils.GIN_DIR / "runs").glob("*.gin")):
             gin.clear_config()
-            configs.parse_gin([str(f)], [], finalize=False)
-            assert configs.binding_type_errors() == [], f
+            gin_utils.parse_gin([str(f)], [], finalize=False)
+            assert gin_utils.binding_type_errors() == [], f
     finally:
         gin.clear_config()
 
@@ -226,8 +226,8 @@ def test_dss_eval_on_an_old_model_dir_says_how_to_proceed_and_runs_nothing(train
 
 @pytest.mark.slow
 def test_dss_eval_on_a_model_dir_without_its_model_config_names_the_file_and_the_way_back(trained, tmp_path):
-    """A copy of a model dir that lost dss_config.json: one line naming it and how to get it back (before: "not a
-    dss_jax pretrained checkpoint (make one with dss-convert)", which is about pretrained checkpoints)."""
+    """A copy of a model dir that lost dss_config.json: one line naming it and how to get it back (not a message
+    about pretrained checkpoints)."""
     copy = tmp_path / "copy"
     shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns("eval"))
     (copy / "dss_config.json").unlink()
@@ -259,8 +259,8 @@ def test_dss_eval_rejects_overrides_it_never_reads(trained):
 def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp_path):
     """dss-eval reads the vocabulary (spiece.model) and the data spec from the model dir: rewriting the training
     JSONL afterwards (other rows, other words: a vocabulary rebuilt from it tokenizes the same text differently)
-    changes neither predictions nor metrics. Before (issue 11): the vocabulary was rebuilt from the training data
-    named in config.gin, and the model was fed ids it never saw."""
+    changes neither predictions nor metrics: the model is never fed ids from a vocabulary rebuilt from the training
+    data named in config.gin."""
     import sentencepiece as spm
 
     from dss_jax.tasks import vocab
@@ -316,7 +316,7 @@ def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp
 
 @pytest.mark.slow
 def test_dss_train_on_rows_without_rationales_is_one_line_saying_what_to_do(tmp_path):
-    """The README allows rows without rationales; DSS learns from them. Before: a 36-line StopIteration traceback."""
+    """The README allows rows without rationales; DSS learns from them: one line saying what to do, no traceback."""
     f = tmp_path / "train.jsonl"
     f.write_text("".join(json.dumps({"input": f"w{i} x", "label": f"w{i}"}) + "\n" for i in range(40)))
     model_dir = tmp_path / "m"

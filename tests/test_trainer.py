@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from conftest import TOY_GIN as GIN
 
-from dss_jax import configs, losses, train
+from dss_jax import gin_utils, losses, train
 
 
 def _train(tmp_path, name, toy, *bindings):
     gin.clear_config()
-    configs.parse_gin([GIN], [f"USER_TRAIN = '{toy}'", *bindings])
+    gin_utils.parse_gin([GIN], [f"USER_TRAIN = '{toy}'", *bindings])
     try:
         summary = train.train(str(tmp_path / name))
     finally:

@@ -1,7 +1,7 @@
 """``dss-report``: collect model dirs into a CSV/markdown table and paper-style plots.
 
-    dss-report --root runs/sweep [--out runs/sweep/report]
-    dss-report --runs runs/quickstart/dss runs/quickstart/finetune     # finished runs side by side
+    dss-report --root outputs/sweep [--out outputs/sweep/report]
+    dss-report --runs outputs/quickstart/dss outputs/quickstart/finetune     # finished runs side by side
 
 Reads each run's ``config.gin`` (method, label source, task weight a, data fraction, model size, seed) and
 ``summary.json`` / ``test_metrics.json``; writes ``results.csv``, ``results.md``, and, with matplotlib,
@@ -206,13 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: ROOT/report")
     a = p.parse_args(argv)
     if a.runs:
-        from dss_jax import run_report
+        from dss_jax import run_summary
 
         missing = [d for d in a.runs if not (Path(d) / "summary.json").exists()]
         if missing:
             print(f"dss-report: no summary.json in {', '.join(missing)} (has the run finished?)", file=sys.stderr)
             return 2
-        print(run_report.compare([Path(d) for d in a.runs]))
+        print(run_summary.compare([Path(d) for d in a.runs]))
         return 0
     if not a.root:
         p.error("give --root (a sweep) or --runs (model dirs)")

@@ -114,7 +114,7 @@ def _rationale_counts(benchmark: str | None, examples: list[readers.Example], ar
     return sources.select_rationales(benchmark, examples, opts, vocab)[2]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dss-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", nargs="+", default=list(readers.BENCHMARKS), help="benchmarks (default: all)")
     p.add_argument("--data_dir", default=None, help="default: $DSS_DATA_DIR, else ../shared/data/dss")
@@ -143,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="count the extra rationales (users' 'rationales' lists) that train at up to K per input",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.max_rationale_tokens and not (args.spm or args.train_vocab):
         p.error("--max_rationale_tokens counts tokens: pass --spm PATH or --train_vocab")
     if not args.verbose:
-        from dss_jax import configs
+        from dss_jax import logs
 
-        configs.quiet_data_layer_imports()
+        logs.quiet_data_layer_imports()
     try:
         data_dir = Path(args.data_dir) if args.data_dir else (None if args.user_jsonl else readers.default_data_dir())
         rows, shows = [], []
