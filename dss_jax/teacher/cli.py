@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from dss_jax.files import atomic_write as write_atomic
 from dss_jax.tasks import readers
 from dss_jax.teacher import client, prompts
 from dss_jax.teacher.client import CONNECT_TIMEOUT_S, Options, Plan, RunStats, Sampling
@@ -50,7 +51,6 @@ from dss_jax.teacher.store import (
     check_store_owner,
     dump_jsonl,
     side_paths,
-    write_atomic,
 )
 from dss_jax.teacher.vote import Aggregate, Figures, aggregate
 
