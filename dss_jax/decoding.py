@@ -8,10 +8,12 @@ slow, obviously-correct twin that the tests hold the cached path to.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
@@ -325,3 +327,48 @@ def choice_log_probs(params: Any, encoder_input_tokens: Array, choice_tokens: Ar
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], axis=-1)[..., 0]
     scores = jnp.sum(jnp.where(targets > 0, lp, 0.0), axis=1).reshape(b, c)
     return jnp.where(jnp.any(choice_tokens > 0, axis=-1), scores, -jnp.inf)
+
+
+def pad_rows(rows: Sequence[Any], batch_size: int, length: int) -> np.ndarray:
+    """Token rows (of any lengths up to ``length``) zero-padded into a fixed [batch_size, length] int32 batch, so
+    every batch of a run has one shape and compiles once; rows past ``batch_size`` are an error."""
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    batch = np.zeros((batch_size, length), np.int32)
+    for i, r in enumerate(rows):
+        batch[i, : len(r)] = r
+    return batch
+
+
+def cut_at_eos(row: Sequence[int], eos: int) -> tuple[list[int], bool]:
+    """The ids before the first ``eos`` and whether there was one (a row without it ran to the length limit)."""
+    row = list(row)
+    return (row[: row.index(eos)], True) if eos in row else (row, False)
+
+
+def decode_and_cut(
+    params: Any,
+    rows: Sequence[Any],
+    config: ModelConfig,
+    *,
+    length: int,
+    batch_size: int,
+    max_decode_length: int,
+    num_beams: int = 1,
+    alpha: float = 0.6,
+    place: Callable[[np.ndarray], Any] | None = None,
+) -> list[list[int]]:
+    """Each input row's output ids, cut before EOS: rows padded into [batch_size, length] batches, decoded
+    greedily (``num_beams`` 1) or by beam search (the best beam). ``place`` puts a padded batch on the mesh the
+    parameters live on (default: as is)."""
+    out: list[list[int]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = pad_rows(chunk, batch_size, length)
+        enc = place(batch) if place is not None else batch
+        if num_beams > 1:
+            tokens = beam_search(params, enc, config, max_decode_length, num_beams, alpha)[0][:, 0]
+        else:
+            tokens = decode(params, enc, config, max_decode_length)
+        out += [cut_at_eos(row, config.eos_token_id)[0] for row in np.asarray(jax.device_get(tokens))[: len(chunk)].tolist()]
+    return out

@@ -15,10 +15,12 @@ binary) until ``--max_wait_s`` passes without a new one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ import gin
 import jax
 import numpy as np
 
-from dss_jax import checkpoints, convert, decoding, gin_utils, logs, partitioning, scoring
+from dss_jax import checkpoints, convert, evaluators, gin_utils, logs, partitioning
+from dss_jax.data_source import DataSource
 from dss_jax.files import saved_steps
+from dss_jax.model import ModelConfig
 from dss_jax.params import abstract_boxed_params
 
 # The run files' imports, so that --gin.NAME=VALUE overrides resolve (with --trust_config_gin, in one unit with
@@ -85,10 +89,19 @@ def _check_model_config(model_dir: Path) -> None:
         )
 
 
+def _restore(step_dir: Path, model_dir: Path) -> tuple[ModelConfig, Any, Any]:
+    """(model config, parameters restored onto the current devices, the mesh they live on)."""
+    cfg = checkpoints.read_config(model_dir)
+    mesh_cfg = partitioning.MeshConfig()
+    mesh = partitioning.make_mesh(mesh_cfg)
+    shardings = partitioning.params_shardings(abstract_boxed_params(cfg), mesh, mesh_cfg.rules)
+    return cfg, checkpoints.restore_train_params(step_dir, cfg, shardings), mesh
+
+
 def evaluate_step_dir(
     step_dir: Path,
     model_dir: Path,
-    data: Any,
+    data: DataSource,
     split: str,
     out_dir: Path,
     batch_size: int = 32,
@@ -98,48 +111,29 @@ def evaluate_step_dir(
     rank_classification: bool = False,
 ) -> dict[str, Any]:
     """Decodes ``data.selection_task``'s split with the checkpoint at ``step_dir``; returns the metrics."""
-    import seqio
-
-    cfg = checkpoints.read_config(model_dir)
-    mesh_cfg = partitioning.MeshConfig()
-    mesh = partitioning.make_mesh(mesh_cfg)
-    shardings = partitioning.params_shardings(abstract_boxed_params(cfg), mesh, mesh_cfg.rules)
-    params = checkpoints.restore_train_params(step_dir, cfg, shardings)
-    task = seqio.get_mixture_or_task(data.selection_task)
+    cfg, params, mesh = _restore(step_dir, model_dir)
     examples = _examples(data.selection_task, split, data.inputs_length)
+    rows = [e["inputs"] for e in examples]
     max_len = max_decode_length or data.targets_length
+    decoded = evaluators.Decoded(data, split, rows, cfg, batch_size, max_len, num_beams)
+    rank = evaluators.RankClassification(data, split, rows, cfg, batch_size) if rank_classification else None
     with jax.set_mesh(mesh):
-        preds = _decode_all(params, cfg, [e["inputs"] for e in examples], data.inputs_length, max_len, batch_size, num_beams)
-    vocab = task.output_features["targets"].vocabulary
-    texts = [vocab.decode(p) for p in preds]
-    targets = [task.postprocess_fn(e["targets_pretokenized"], example=e, is_target=True) for e in examples]
-    predictions = [task.postprocess_fn(t, example=e, is_target=False) for t, e in zip(texts, examples)]
-    metrics: dict[str, float] = {}
-    for fn in task.metric_fns:
-        metrics.update(fn(targets, predictions))
-    metrics["examples"] = len(examples)
-    ranked = _rank_classify(params, cfg, data, split, examples, batch_size, mesh) if rank_classification else None
+        texts = decoded.predict(params)
+        ranked = rank.predict(params) if rank is not None else None
+    metrics: dict[str, float] = {**decoded.score(texts), "examples": len(examples)}
+    if rank is not None and ranked is None:
+        print(f"dss-eval: {data.selection_task} has no closed label set; --rank_classification skipped", file=sys.stderr)
     if ranked is not None:
         metrics["rank_classification_accuracy"] = data.score(split, ranked)["accuracy"]
     rationale_texts = None
-    if rationales and f"{data.benchmark}_rationale" in seqio.TaskRegistry.names():
+    if rationales and f"{data.benchmark}_rationale" in _task_names():
         r_ex = _examples(f"{data.benchmark}_rationale", split, data.inputs_length)
+        r_dec = dataclasses.replace(decoded, rows=[e["inputs"] for e in r_ex])
         with jax.set_mesh(mesh):
-            r_preds = _decode_all(params, cfg, [e["inputs"] for e in r_ex], data.inputs_length, max_len, batch_size, num_beams)
-        by_idx = {int(e["idx"]): vocab.decode(p) for e, p in zip(r_ex, r_preds)}
+            by_idx = {int(e["idx"]): t for e, t in zip(r_ex, r_dec.predict(params), strict=True)}
         rationale_texts = [by_idx.get(int(e["idx"]), "") for e in examples]
     step = int(step_dir.name) if step_dir.name.isdigit() else -1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{split}_{step}_predictions.jsonl", "w", encoding="utf-8") as f:
-        for i, e in enumerate(examples):
-            row = {"input": _text(e["inputs_pretokenized"]), "target": targets[i], "prediction": predictions[i]}
-            if _text(e.get("input_b_pretokenized", b"")):  # NLI: the hypothesis, joined to the input by EOS
-                row = {"input": row["input"], "input_b": _text(e["input_b_pretokenized"]), **row}
-            if ranked is not None:
-                row["rank_prediction"] = ranked[i]
-            if rationale_texts is not None:
-                row["rationale"] = rationale_texts[i]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_predictions(out_dir / f"{split}_{step}_predictions.jsonl", data, examples, texts, ranked, rationale_texts)
     result = {"step": step, "split": split, "task": data.selection_task, "checkpoint": str(step_dir), **metrics}
     (out_dir / f"{split}_{step}_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     from tensorboardX import SummaryWriter
@@ -150,20 +144,37 @@ def evaluate_step_dir(
     return result
 
 
-def _rank_classify(
-    params: Any, cfg: Any, data: Any, split: str, examples: list[dict], batch_size: int, mesh: Any
-) -> list[str] | None:
-    """Each example's most likely candidate label (rank classification); None for tasks without a label set."""
-    labels = data.candidate_labels(split, len(examples))
-    if labels is None:
-        print(f"dss-eval: {data.selection_task} has no closed label set; --rank_classification skipped", file=sys.stderr)
-        return None
-    inputs = np.zeros((len(examples), data.inputs_length), np.int32)
-    for i, e in enumerate(examples):
-        inputs[i, : len(e["inputs"])] = e["inputs"]
-    with jax.set_mesh(mesh):
-        picks = scoring.rank_classify(params, cfg, inputs, [data.tokenize(c) for c in labels], batch_size)
-    return [c[k] for c, k in zip(labels, picks)]
+def _task_names() -> list[str]:
+    import seqio
+
+    return list(seqio.TaskRegistry.names())
+
+
+def _write_predictions(
+    path: Path,
+    data: DataSource,
+    examples: list[dict],
+    texts: list[str],
+    ranked: list[str] | None,
+    rationale_texts: list[str] | None,
+) -> None:
+    """One JSON line per example: input[, input_b], target, prediction[, rank_prediction][, rationale]."""
+    import seqio
+
+    task = seqio.get_mixture_or_task(data.selection_task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, e in enumerate(examples):
+            target = task.postprocess_fn(e["targets_pretokenized"], example=e, is_target=True)
+            row = {"input": _text(e["inputs_pretokenized"]), "target": target}
+            row["prediction"] = task.postprocess_fn(texts[i], example=e, is_target=False)
+            if _text(e.get("input_b_pretokenized", b"")):  # NLI: the hypothesis, joined to the input by EOS
+                row = {"input": row["input"], "input_b": _text(e["input_b_pretokenized"]), **row}
+            if ranked is not None:
+                row["rank_prediction"] = ranked[i]
+            if rationale_texts is not None:
+                row["rationale"] = rationale_texts[i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _text(x: Any) -> str:
@@ -180,28 +191,7 @@ def _examples(name: str, split: str, inputs_length: int) -> list[dict]:
     return exs
 
 
-def _decode_all(
-    params: Any, cfg: Any, inputs: list[np.ndarray], inputs_length: int, max_len: int, batch_size: int, num_beams: int
-) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        batch = np.zeros((batch_size, inputs_length), np.int32)
-        for i, r in enumerate(chunk):
-            batch[i, : len(r)] = r
-        if num_beams > 1:
-            tokens = np.asarray(decoding.beam_search(params, batch, cfg, max_len, num_beams)[0][:, 0])
-        else:
-            tokens = np.asarray(decoding.decode(params, batch, cfg, max_len))
-        for row in tokens[: len(chunk)]:
-            row = row.tolist()
-            out.append(row[: row.index(cfg.eos_token_id)] if cfg.eos_token_id in row else row)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    files, bindings, rest = gin_utils.split_gin_args(argv)
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dss-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True)
     p.add_argument("--checkpoint", default=None, help="checkpoints/<step> dir (default: best, else latest)")
@@ -225,7 +215,36 @@ def main(argv: list[str] | None = None) -> int:
         help="execute the model dir's config.gin (gin is code: only for your own model dirs without a data spec)",
     )
     p.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up messages")
-    args = p.parse_args(rest)
+    return p
+
+
+def _export_hf(model_dir: Path, checkpoint: str | None, out: str) -> None:
+    step_dir = checkpoints.resolve_step_dir(checkpoint or model_dir)
+    cfg = checkpoints.read_config(model_dir)
+    params = jax.tree.map(np.asarray, checkpoints.restore_train_params(step_dir, cfg))
+    spm = model_dir / "spiece.model"
+    convert.save_hf(params, cfg, out, spiece_model=spm if spm.exists() else None)
+    print(f"exported {step_dir} to {out}", file=sys.stderr)
+
+
+def _watch(evaluate: Callable[[Path], dict[str, Any]], model_dir: Path, max_wait_s: float) -> None:
+    """Evaluates every checkpoint as it appears, until ``max_wait_s`` passes without a new one."""
+    seen: set[int] = set()
+    last_new = time.time()
+    while time.time() - last_new < max_wait_s:
+        ckpts = model_dir / "checkpoints"
+        for s in [s for s in saved_steps(ckpts) if s not in seen]:
+            result = evaluate(ckpts / str(s))
+            print(json.dumps(result), flush=True)
+            seen.add(s)
+            last_new = time.time()
+        time.sleep(5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    files, bindings, rest = gin_utils.split_gin_args(argv)
+    args = _parser().parse_args(rest)
     logs.setup_logging()
     if not args.verbose:
         logs.quiet_data_layer_imports()
@@ -238,12 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         # training run's, mostly unread here)
         gin_utils.check_bindings_read("dss-eval", pending=["partitioning.MeshConfig"], exempt_files=[model_dir / "config.gin"])
         if args.export_hf:
-            step_dir = checkpoints.resolve_step_dir(args.checkpoint or model_dir)
-            cfg = checkpoints.read_config(model_dir)
-            params = jax.tree.map(np.asarray, checkpoints.restore_train_params(step_dir, cfg))
-            spm = model_dir / "spiece.model"
-            convert.save_hf(params, cfg, args.export_hf, spiece_model=spm if spm.exists() else None)
-            print(f"exported {step_dir} to {args.export_hf}", file=sys.stderr)
+            _export_hf(model_dir, args.checkpoint, args.export_hf)
         evaluate = functools.partial(
             evaluate_step_dir,
             model_dir=model_dir,
@@ -256,20 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             max_decode_length=args.max_decode_length,
             rank_classification=args.rank_classification,
         )
-        if not args.continuous:
-            result = evaluate(checkpoints.resolve_step_dir(args.checkpoint or model_dir))
-            print(json.dumps(result, indent=2))
-            return 0
-        seen: set[int] = set()
-        last_new = time.time()
-        while time.time() - last_new < args.max_wait_s:
-            ckpts = model_dir / "checkpoints"
-            for s in [s for s in saved_steps(ckpts) if s not in seen]:
-                result = evaluate(ckpts / str(s))
-                print(json.dumps(result), flush=True)
-                seen.add(s)
-                last_new = time.time()
-            time.sleep(5)
+        if args.continuous:
+            _watch(evaluate, model_dir, args.max_wait_s)
+        else:
+            print(json.dumps(evaluate(checkpoints.resolve_step_dir(args.checkpoint or model_dir)), indent=2))
         return 0
     except (FileNotFoundError, ValueError, convert.CheckpointMismatchError) as e:
         print(f"dss-eval: error: {e}", file=sys.stderr)

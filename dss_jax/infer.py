@@ -141,23 +141,18 @@ class Predictor:
         return np.asarray(ids, np.int32), truncated
 
     def _decode_batch(self, rows: list[np.ndarray]) -> list[str]:
-        n = len(rows)
-        batch = np.zeros((self.batch_size, self.inputs_length), np.int32)  # fixed shape: one compile
-        for i, r in enumerate(rows):
-            batch[i, : len(r)] = r
-        if self.num_beams > 1:
-            seqs, _ = decoding.beam_search(self.params, batch, self.config, self.max_decode_length, self.num_beams, self.alpha)
-            tokens = np.asarray(seqs[:, 0])
-        else:
-            tokens = np.asarray(decoding.decode(self.params, batch, self.config, self.max_decode_length))
-        out = []
-        for row in tokens[:n]:
-            row = row.tolist()
-            if self.config.eos_token_id in row:
-                row = row[: row.index(self.config.eos_token_id)]
-            # a model vocabulary may be padded past the SentencePiece model's size: such ids decode to nothing
-            out.append(self.sp.decode([t for t in row if t < self.sp.get_piece_size()]))
-        return out
+        ids = decoding.decode_and_cut(
+            self.params,
+            rows,
+            self.config,
+            length=self.inputs_length,
+            batch_size=self.batch_size,  # fixed shape: one compile
+            max_decode_length=self.max_decode_length,
+            num_beams=self.num_beams,
+            alpha=self.alpha,
+        )
+        # a model vocabulary may be padded past the SentencePiece model's size: such ids decode to nothing
+        return [self.sp.decode([t for t in row if t < self.sp.get_piece_size()]) for row in ids]
 
     def predict(self, inputs: list[str | tuple[str, str]], rationales: bool = False) -> list[dict[str, str]]:
         """Label (and rationale) text for each input (a string, or a (premise, hypothesis) pair)."""

@@ -13,21 +13,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import signal
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import gin
 import jax
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from dss_jax import (
-    batching,
     checkpoints,
     gin_utils,
     logs,
@@ -36,28 +31,14 @@ from dss_jax import (
     partitioning,
     run_checkpoints,
     run_summary,
-    scoring,
+    train_setup,
     trainer,
 )
+from dss_jax.data_source import DataSource
 from dss_jax.model import ModelConfig
+from dss_jax.train_setup import LoopState, NonFiniteLossError, Run, Schedule, due
 
 log = logging.getLogger("dss_jax.train")
-
-
-class DataSource(Protocol):
-    """What the trainer needs from the data layer (``dss_jax.tasks.pipeline.SeqioData`` is the default)."""
-
-    selection_task: str
-
-    def train_iterator(self, batch_size: int, seed: int, shard_id: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]: ...
-
-    def eval_sets(
-        self, split: str, batch_size: int, shard_id: int, num_shards: int, max_examples: int | None = -1
-    ) -> dict[str, list[dict[str, np.ndarray]]]: ...
-
-
-class NonFiniteLossError(RuntimeError):
-    """A step's loss, gradient norm or updated parameters are not finite: the run stops before saving that state."""
 
 
 class _StopFlag:
@@ -73,118 +54,6 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.signum = signum
         log.warning("signal %d: saving a checkpoint at the end of this step, then exiting", signum)
-
-
-def write_run_files(model_dir: Path, model_config: ModelConfig, data: DataSource) -> None:
-    """What the eval and infer binaries need beside the checkpoints: gin config, model config, vocabulary,
-    and the input format (task prefixes, lengths)."""
-    import shutil
-
-    (model_dir / "config.gin").write_text(gin.config_str())
-    (model_dir / checkpoints.CONFIG_FILE).write_text(
-        json.dumps(model_config.replace(scan_layers=False).to_dict(), indent=2) + "\n"
-    )
-    spm = getattr(data, "vocabulary_file", None)
-    if spm and Path(spm).resolve() != (model_dir / "spiece.model").resolve():
-        shutil.copy(spm, model_dir / "spiece.model")
-    fmt = getattr(data, "inference_format", None)
-    if fmt is not None:
-        (model_dir / "inference.json").write_text(json.dumps(fmt(), indent=2) + "\n")
-
-
-def _local_rows_multiple(bsharding: Any, microbatches: int, nproc: int) -> int:
-    """Rows a process's batch must be a multiple of, so the global batch splits over devices and microbatches."""
-    dp = math.prod(bsharding.mesh.shape[a] for a in ("data", "fsdp"))
-    return max(1, dp * microbatches // nproc)
-
-
-def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    n = next(iter(batch.values())).shape[0]
-    if n == size:
-        return batch
-    return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-
-
-def run_eval(eval_fn: Any, params: Any, sets: dict[str, list[dict]], local_batch: int, bsharding: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, batches in sets.items():
-        sums: dict[str, float] = {}
-        for b in batches:
-            m = jax.device_get(eval_fn(params, partitioning.global_batch(_pad_batch(b, local_batch), bsharding)))
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        out.update({f"{name}/{k}": v for k, v in trainer.summarize_eval(sums).items()})
-    return out
-
-
-def _equalize(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Every process must run the same number of eval steps: pad shorter lists with empty batches."""
-    if jax.process_count() == 1:
-        return sets
-    from jax.experimental import multihost_utils
-
-    out = {}
-    for name, batches in sorted(sets.items()):
-        n = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
-        empty = {k: np.zeros_like(v) for k, v in batches[0].items()} if batches else None
-        out[name] = batches + [empty] * (n - len(batches))
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """When the loop logs, evaluates and saves, in steps (``every`` 0: never; the last step always saves)."""
-
-    num_steps: int
-    log_every: int
-    eval_every: int
-    checkpoint_every: int
-
-
-def due(step: int, every: int, total: int) -> bool:
-    """True at the multiples of ``every`` and at the last step; never when ``every`` is 0."""
-    return every > 0 and (step % every == 0 or step == total)
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What setup builds once and the loop and the final test read: the run's fixed parts."""
-
-    model_dir: Path
-    model_config: ModelConfig
-    data: DataSource
-    mesh: Any
-    bsharding: Any
-    layout: trainer.StateLayout
-    step_fn: Callable
-    eval_fn: Callable
-    manager: ocp.CheckpointManager
-    train_iter: Any
-    local_batch: int
-    eval_sets: dict[str, list[dict]]
-    on_nonfinite: str
-
-    @property
-    def metric_key(self) -> str:
-        return f"{self.data.selection_task}/accuracy"
-
-
-@dataclasses.dataclass
-class LoopState:
-    """What the loop carries from step to step, passed explicitly to the functions that read or update it."""
-
-    state: trainer.TrainState
-    saved_step: int  # the newest committed checkpoint; -1: none
-    nonfinite: Any = None  # trainer.track_nonfinite: [first non-finite step, its flags, count]
-    first_train: dict[str, float] = dataclasses.field(default_factory=dict)
-    last_train: dict[str, float] = dataclasses.field(default_factory=dict)
-    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
-    skipped_logged: int = 0
-    stopped_at: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.nonfinite is None:
-            self.nonfinite = jax.numpy.zeros((3,), jax.numpy.int32)
 
 
 # Configurables that train() itself calls when their gin binding is missing (checked again before the first step).
@@ -224,11 +93,11 @@ def train(
     """
     model_dir_path = Path(model_dir).resolve()
     # the configuration is checked before the model dir is made or locked: a bad value leaves nothing behind
-    _check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
-    _check_schedule(num_steps, eval_every, checkpoint_every, keep_checkpoints, log_every)
-    _check_mesh(batch_size, mesh_config)
+    train_setup.check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
+    train_setup.check_schedule(num_steps, eval_every, checkpoint_every, keep_checkpoints, log_every)
+    train_setup.check_mesh(batch_size, mesh_config)
     gin_utils.check_bindings_read("dss-train", pending=CALLED_LATER)  # a binding nothing reads (checked again below)
-    _make_model_dir(model_dir_path)
+    train_setup.make_model_dir(model_dir_path)
     with run_checkpoints.exclusive(model_dir_path):  # one writer per model dir, until this run ends or dies
         run, loop = setup(
             model_dir_path,
@@ -261,70 +130,6 @@ def train(
         writer.close()
         run.manager.close()
     return summary
-
-
-def _make_model_dir(model_dir: Path) -> None:
-    """Makes the model dir (and its parents), or a ValueError saying why it cannot be one."""
-    if model_dir.exists() and not model_dir.is_dir():
-        raise ValueError(f"--model_dir={model_dir} is a file, not a directory: give a directory (it is made if missing)")
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--model_dir={model_dir} cannot be made ({e.strerror}: {e.filename})") from None
-
-
-def _check_schedule(num_steps: int, eval_every: int, checkpoint_every: int, keep_checkpoints: int, log_every: int) -> None:
-    """A ValueError naming the first binding out of range: steps and counts are at least 1, intervals at least 0."""
-    for name, value, low in (
-        ("num_steps", num_steps, 1),
-        ("keep_checkpoints", keep_checkpoints, 1),
-        ("eval_every", eval_every, 0),
-        ("checkpoint_every", checkpoint_every, 0),
-        ("log_every", log_every, 0),
-    ):
-        if value < low:
-            raise ValueError(f"train.train.{name}={value}: must be {low} or more")
-
-
-def _check_mesh(batch_size: int, mesh_config: partitioning.MeshConfig | None) -> None:
-    """The batch must split over the mesh's data x fsdp devices (checked before anything is written)."""
-    mesh_config = mesh_config or partitioning.MeshConfig()
-    mesh = partitioning.make_mesh(mesh_config)
-    dp = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    if batch_size % dp:
-        raise ValueError(f"train.train.batch_size={batch_size} must divide by the mesh's data x fsdp size ({dp})")
-
-
-def _check_sizes(batch_size: int, microbatches: int, input_shards: int | None, on_nonfinite: str) -> tuple[int, int]:
-    """(rows per process, input shards per process), or a ValueError naming the binding."""
-    nproc = jax.process_count()
-    for name, value in (("batch_size", batch_size), ("microbatches", microbatches), ("input_shards", input_shards or 1)):
-        if value < 1:
-            raise ValueError(f"train.train.{name}={value}: must be 1 or more")
-    if batch_size % (nproc * microbatches):
-        raise ValueError(
-            f"train.train.batch_size={batch_size} must divide by processes ({nproc}) x microbatches ({microbatches})"
-        )
-    local_batch = batch_size // nproc
-    shards = input_shards or nproc
-    if shards % nproc or local_batch % (shards // nproc):
-        raise ValueError(
-            f"train.train.input_shards={shards} must be a multiple of the processes ({nproc}) and divide the local batch"
-        )
-    if on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"train.train.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
-    return local_batch, shards // nproc
-
-
-def _train_iterator(data: DataSource, local_batch: int, per_process: int, seed: int, rows_multiple: int) -> Any:
-    """This process's training batches: its input shards side by side, repacked when the data asks for it."""
-    first = jax.process_index() * per_process
-    shards = per_process * jax.process_count()
-    it: Any = batching.ShardedIterator(
-        [data.train_iterator(local_batch // per_process, seed, s, shards) for s in range(first, first + per_process)]
-    )
-    repacker = data.repacker(rows_multiple) if hasattr(data, "repacker") else None
-    return batching.RepackingIterator(it, repacker) if repacker is not None else it
 
 
 def _initial_state(run: Run, tx: optax.GradientTransformation, seed: int, init_checkpoint: str | None) -> LoopState:
@@ -361,7 +166,7 @@ def setup(
     """Mesh, shardings, compiled steps, checkpoint manager, data iterators and the starting state (in ``model_dir``,
     made and locked by the caller)."""
     mesh_config = mesh_config or partitioning.MeshConfig()
-    local_batch, per_process = _check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
+    local_batch, per_process = train_setup.check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
     mesh = partitioning.make_mesh(mesh_config)
     layout = trainer.state_layout(model_config, tx, mesh, mesh_config.rules)
     bsharding = partitioning.batch_sharding(mesh, mesh_config.rules)
@@ -370,8 +175,8 @@ def setup(
         model_config, tx, loss_config or losses.LossConfig(), microbatches, seed, layout, bsharding, mesh, skip_nonfinite=skip
     )
     if jax.process_index() == 0:
-        write_run_files(model_dir, model_config, data)
-    rows_multiple = _local_rows_multiple(bsharding, microbatches, jax.process_count())
+        train_setup.write_run_files(model_dir, model_config, data)
+    rows_multiple = train_setup.local_rows_multiple(bsharding, microbatches, jax.process_count())
     run = Run(
         model_dir=model_dir,
         model_config=model_config,
@@ -382,17 +187,16 @@ def setup(
         step_fn=step_fn,
         eval_fn=trainer.jit_eval_step(model_config, layout, bsharding, mesh),
         manager=run_checkpoints.make_manager(model_dir, keep_checkpoints, async_checkpoints),
-        train_iter=_train_iterator(data, local_batch, per_process, seed, rows_multiple),
+        train_iter=train_setup.train_iterator(data, local_batch, per_process, seed, rows_multiple),
         local_batch=local_batch,
-        eval_sets={},
+        validation=None,
         on_nonfinite=on_nonfinite,
     )
     loop = _initial_state(run, tx, seed, init_checkpoint)
     # data positions of steps never committed, or whose checkpoint was pruned just before a kill
     run_checkpoints.prune_data(model_dir, set(run.manager.all_steps()))
     if eval_every:
-        sets = _equalize(data.eval_sets("validation", local_batch, jax.process_index(), jax.process_count()))
-        run = dataclasses.replace(run, eval_sets=sets)
+        run = dataclasses.replace(run, validation=run.split_evaluators("validation"))
     return run, loop
 
 
@@ -470,16 +274,11 @@ def _log_train(
         pbar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.1f}", tok_s=f"{m['real_tokens_per_sec']:.0f}")
 
 
-def _score(run: Run, params: Any, split: str, sets: dict[str, list[dict]]) -> dict[str, float]:
-    """Per-task losses and accuracies; the selection task's accuracy is its own metric (and rank accuracy)."""
-    args = (params, run.model_config, run.data, split, sets, run.local_batch, run.bsharding)
-    metrics = run_eval(run.eval_fn, params, sets, run.local_batch, run.bsharding)
-    return scoring.with_rank_accuracy(scoring.use_task_metric(metrics, *args), *args)
-
-
 def _evaluate(run: Run, loop: LoopState, writer: metrics_log.MetricsWriter, done: int) -> dict[str, float]:
+    """Runs the validation evaluators on ``loop.state`` and logs their metrics."""
     check_finite(run, loop)  # a non-finite state is never evaluated, so never chosen as best
-    metrics = _score(run, loop.state.params, "validation", run.eval_sets)
+    assert run.validation is not None, "evaluation is due only when train.eval_every > 0"
+    metrics = dict(run.validation.run(loop.state.params))
     writer.write(done, "eval", metrics)
     loop.last_eval = metrics
     log.info("step %d eval: %s", done, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
@@ -515,18 +314,16 @@ def test_on_best(run: Run, best: int, report_train_examples: int) -> dict[str, A
     for split, limit in (("train", report_train_examples), ("validation", None), ("test", None)):
         if split == "train" and not report_train_examples:
             continue
-        sets = _equalize(run.data.eval_sets(split, run.local_batch, jax.process_index(), jax.process_count(), limit))
-        if not sets:
+        evs = run.split_evaluators(split, limit, decode_always=True)
+        if not evs.teacher_forced.sets:
             continue
         with jax.set_mesh(run.mesh):
-            metrics = run_eval(run.eval_fn, params, sets, run.local_batch, run.bsharding)
-            args = (run.model_config, run.data, split, sets, metrics, run.local_batch, run.bsharding)
-            out["splits"][split] = row = scoring.split_report(params, *args)
+            results = evs.results(params)
+        out["splits"][split] = evs.report_row(results)
         if split == "test":
-            out["test"] = scoring.metrics_with_row(metrics, run.data, row)
-    if hasattr(run.data, "baselines"):
-        split = "test" if "test" in out["splits"] else "validation"
-        out["baselines"] = {"split": split, **run.data.baselines(split)}
+            out["test"] = evs.task_metrics(results)
+    split = "test" if "test" in out["splits"] else "validation"
+    out["baselines"] = {"split": split, **run.data.baselines(split)}
     if "test" in out:
         out["test_checkpoint"] = best
         if jax.process_index() == 0:

@@ -344,14 +344,11 @@ class SeqioData:
         """Target texts -> token ids through EOS, as the label task's targets are tokenized."""
         return [list(self.vocabulary.encode(t)) + [self.vocabulary.eos_id] for t in texts]
 
-    def detokenize(self, tokens: np.ndarray) -> list[str]:
-        """Decoded label rows (ids after EOS dropped) -> text."""
-        eos = self.vocabulary.eos_id
-        out = []
-        for row in np.asarray(tokens).tolist():
-            row = row[: row.index(eos)] if eos in row else row
-            out.append(self.vocabulary.decode([t for t in row if 0 < t < self.vocabulary.vocab_size]))
-        return out
+    def detokenize(self, rows: list[list[int]]) -> list[str]:
+        """Output ids (cut before EOS by ``decoding.decode_and_cut``) -> text; pad and ids past the vocabulary
+        (a model's vocabulary may be padded) decode to nothing."""
+        size = self.vocabulary.vocab_size
+        return [self.vocabulary.decode([t for t in row if 0 < t < size]) for row in rows]
 
     def score(self, split: str, predictions: list[str]) -> dict[str, float]:
         """The task's own metric (and the listed-choice share for multiple choice) of decoded label texts, in the

@@ -4,7 +4,7 @@ import without TensorFlow or seqio (the GPU machine has neither; the data layer 
 import subprocess
 import sys
 
-CORE = ("model", "attention", "trainer", "decoding", "partitioning", "checkpoints", "convert", "infer", "batching")
+CORE = ("model", "attention", "trainer", "decoding", "partitioning", "checkpoints", "convert", "infer", "batching", "evaluators")
 
 
 def test_core_modules_import_without_tensorflow_or_seqio():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, foreign_log_lines, xla_env
 
-from dss_jax import decoding, scoring
+from dss_jax import decoding, evaluators
 from dss_jax.model import T5Config, init_params
 from dss_jax.tasks import baselines
 
@@ -57,7 +57,7 @@ def test_rank_classification_equals_brute_force_scoring():
         [list(rng.integers(2, 50, size=rng.integers(1, 6))) + [CFG.eos_token_id] for _ in range(rng.integers(2, 6))]
         for _ in range(n)
     ]
-    picks = scoring.rank_classify(params, CFG, inputs, choices, batch_size=4)
+    picks = evaluators.rank_classify(params, CFG, inputs, choices, batch_size=4)
     ref_picks, ref_scores = _brute_force(params, inputs, choices)
     assert list(picks) == ref_picks
     assert len(set(ref_picks)) > 1  # not one fixed position winning everywhere

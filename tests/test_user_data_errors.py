@@ -1,6 +1,5 @@
 """Users' JSONL that is broken in the ways real files are: every case names the file and the real line."""
 
-import numpy as np
 import pytest
 
 from dss_jax.tasks import readers
@@ -82,6 +81,7 @@ def test_labels_with_inner_whitespace_train_and_score_as_normalised_text(tmp_pat
     it (as SentencePiece decodes it) scores correct. Before, the raw gold could never be matched."""
     import json
 
+    from dss_jax import decoding
     from dss_jax.tasks import pipeline, vocab
 
     raw = ["new\nyork", "left\tbank", "two  words", " olive \n grove\t"]
@@ -98,7 +98,7 @@ def test_labels_with_inner_whitespace_train_and_score_as_normalised_text(tmp_pat
         gold = [e["targets_pretokenized"].decode() for e in examples]
         assert gold and set(gold) <= set(want), gold
         assert data.score(split, gold)["accuracy"] == 100.0
-        decoded = data.detokenize(np.array([t + [0] * (16 - len(t)) for t in data.tokenize(gold)]))
+        decoded = data.detokenize([decoding.cut_at_eos(t, v.eos_id)[0] for t in data.tokenize(gold)])
         assert data.score(split, decoded)["accuracy"] == 100.0  # what the model can emit is what is scored
     train = readers.read_user_jsonl(f)
     assert [e.label for e in train[:4]] == want and [e.llm_label for e in train[:4]] == want
