@@ -167,23 +167,10 @@ def test_a_model_dir_that_is_a_file_is_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 4-step toy run (1 device): its model dir, and the validation accuracy measured in the loop."""
-    root = tmp_path_factory.mktemp("safety")
-    toy = write_toy_jsonl(root / "toy.jsonl", n=120)
-    model_dir = root / "m"
-    cmd = train_cmd(
-        model_dir,
-        toy,
-        "--gin.TRAIN_STEPS=4",
-        "--gin.train.train.eval_every=4",
-        "--gin.train.train.checkpoint_every=4",
-        "--gin.train.train.evaluate_test=False",
-    )
-    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    evals = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
-    return model_dir, evals[-1]["toy_label_gold/accuracy"]
+def trained(toy_student):
+    """The session's toy student (this module's copy): its model dir, and the validation accuracy measured in the loop."""
+    evals = [json.loads(x) for x in (toy_student / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
+    return toy_student, evals[-1]["toy_label_gold/accuracy"]
 
 
 def _hostile_copy(model_dir, tmp_path):
