@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(model_dir)
     except NonFiniteLossError as e:
-        print(f"dss-train: {e}", file=sys.stderr)
+        print(f"dss-train: {configs.error_text(e)}", file=sys.stderr)
         return 3
     except run_checkpoints.ModelDirBusyError as e:
         print(f"dss-train: error: {configs.error_text(e)}", file=sys.stderr)
