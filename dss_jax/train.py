@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(model_dir)
     except NonFiniteLossError as e:
-        print(f"dss-train: {e}", file=sys.stderr)
+        print(f"dss-train: {gin_utils.error_text(e)}", file=sys.stderr)
         return 3
     except run_checkpoints.ModelDirBusyError as e:
         print(f"dss-train: error: {gin_utils.error_text(e)}", file=sys.stderr)

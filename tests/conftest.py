@@ -1,5 +1,7 @@
-"""Shared test setup: 8 simulated CPU devices (set before jax is imported) and small T5 factories."""
+"""Shared test setup: 8 simulated CPU devices (set before jax is imported), toy data, CLI helpers and a toy student
+trained once per test session (tiny model configs: tests/factories.py)."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -26,23 +28,10 @@ SHARED_DATA = Path(os.environ.get("DSS_DATA_DIR") or REPO.parent / "shared" / "d
 def hf_t5(gated: bool, enc_layers: int = 2, dec_layers: int = 2, vocab: int = 100, seed: int = 0):
     """A small random Hugging Face T5 (v1.1-style untied head when gated, v1.0-style tied otherwise)."""
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from factories import hf_t5_config
+    from transformers import T5ForConditionalGeneration
 
-    cfg = T5Config(
-        vocab_size=vocab,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=enc_layers,
-        num_decoder_layers=dec_layers,
-        num_heads=4,
-        feed_forward_proj="gated-gelu" if gated else "relu",
-        tie_word_embeddings=not gated,
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=20,
-        decoder_start_token_id=0,
-    )
+    cfg = hf_t5_config(gated, vocab_size=vocab, num_layers=enc_layers, num_decoder_layers=dec_layers)
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(cfg).eval()
     if gated:  # an untied head with its own values, as in real v1.1 checkpoints
@@ -122,3 +111,80 @@ def foreign_log_lines(text: str) -> list[str]:
 
     pattern = re.compile(r"^[IWEF]\d{4} |tensorflow/|cache_dataset_ops|absl|xla/|^WARNING:|cuInit|Downloading and preparing")
     return [line for line in text.splitlines() if pattern.search(line)]
+
+
+# The toy student that dss-serve, dss-teacher, dss-eval and dss-infer tests use: 60 steps on 1 device learn the
+# toy task well enough that predictions are graded (some right, some wrong). dss-train's output is kept so tests can
+# check what a user's shell would show (TF_CPP_MIN_LOG_LEVEL unset).
+TOY_STUDENT_FLAGS = (
+    "--gin.TRAIN_STEPS=60",
+    "--gin.train.train.eval_every=60",
+    "--gin.train.train.checkpoint_every=60",
+    "--gin.train.train.log_every=20",
+    "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedStudent:
+    model_dir: Path  # shared by every test worker: read it, or copy it (the toy_student fixture) before writing
+    output: str  # dss-train's stdout + stderr
+
+
+def _shared_tmp(tmp_path_factory) -> Path:
+    """A folder that every pytest-xdist worker of this run shares (each worker's basetemp is a child of it) and no
+    other run sees; without xdist, this run's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _code_key(*extra: str) -> str:
+    """A digest of the package's code and gin files, the tests' gin and ``extra``: a result cached under it is never
+    one of other code."""
+    import hashlib
+
+    h = hashlib.sha256("\0".join(extra).encode())
+    for root in (REPO / "dss_jax", REPO / "tests" / "gin"):
+        for f in sorted(root.rglob("*")):
+            if f.suffix in (".py", ".gin", ".json", ".txt") and f.is_file():
+                h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def toy_student_run(tmp_path_factory) -> TrainedStudent:
+    """Trains the toy student once per test session, whatever the number of xdist workers: the first worker to ask
+    trains under an exclusive file lock, the others wait on the lock and reuse its result."""
+    import fcntl
+    import inspect
+    import shutil
+    import subprocess
+    import sys
+
+    key = _code_key(*TOY_STUDENT_FLAGS, inspect.getsource(write_toy_jsonl))
+    root = _shared_tmp(tmp_path_factory) / f"toy_student-{key}"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this worker dies
+        done = root / "output.txt"
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a worker that died mid-run left
+            root.mkdir(parents=True)
+            toy = write_toy_jsonl(root / "toy_train.jsonl")
+            cmd = [sys.executable, "-m", "dss_jax.train", f"--gin_file={TOY_GIN}", f"--model_dir={root / 'student'}"]
+            cmd += [f"--gin.USER_TRAIN='{toy}'", *TOY_STUDENT_FLAGS]
+            env = {k: v for k, v in xla_env(1).items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as in a user's shell
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, r.stderr[-3000:]
+            (root / "output.tmp").write_text(r.stdout + r.stderr)
+            os.replace(root / "output.tmp", done)  # last: its presence means the run is whole
+    return TrainedStudent(root / "student", done.read_text())
+
+
+@pytest.fixture(scope="module")
+def toy_student(toy_student_run, tmp_path_factory) -> Path:
+    """This test module's own copy of the trained toy student's model dir (tests may write into it, e.g. dss-eval)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("toy_student") / "student"
+    shutil.copytree(toy_student_run.model_dir, d)
+    return d

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from factories import small_t5
 
 from dss_jax import attention as attn
-from dss_jax.model import T5, T5Config, init_params, shift_right
+from dss_jax.model import T5, init_params, shift_right
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -294,10 +295,7 @@ def test_cudnn_path_names_what_it_cannot_do(kw):
 
 
 def _tiny(**kw):
-    return T5Config(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0, dtype="float32", **kw,
-    )  # fmt: skip
+    return small_t5(relative_attention_num_buckets=8, relative_attention_max_distance=20, **kw)
 
 
 @pytest.mark.slow

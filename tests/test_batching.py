@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from factories import small_t5
 
 from dss_jax import batching, losses, partitioning, trainer
-from dss_jax.model import T5Config
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,7 @@ def test_same_examples_fewer_tokens_and_few_shapes(padded_batches, mode):
 
 
 def _cfg():
-    return T5Config(
-        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-        dropout_rate=0.0, dtype="float32",
-    )  # fmt: skip
+    return small_t5(vocab_size=256)
 
 
 @pytest.mark.slow

@@ -14,6 +14,6 @@ def test_core_modules_import_without_tensorflow_or_seqio():
         + "bad = sorted(m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules)\n"
         + "print(','.join(bad))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "", f"the core imported {r.stdout.strip()}"

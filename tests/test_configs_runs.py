@@ -8,6 +8,7 @@ import gin
 import jax
 import numpy as np
 import pytest
+from factories import hf_t5_config
 
 from dss_jax import configs, gin_utils, optim
 
@@ -51,6 +52,7 @@ def test_a_bad_binding_is_named(tmp_path):
         ],
         capture_output=True,
         text=True,
+        timeout=900,
     )
     assert r.returncode == 2 and "alfa" in r.stderr
 
@@ -106,25 +108,18 @@ def test_optimizers_step_on_a_sharded_mesh(name):
 def test_training_starts_from_a_pretrained_checkpoint(tmp_path, toy_jsonl):
     """With learning rate 0, the trained parameters are exactly the converted pretrained ones."""
     from conftest import train_cmd, xla_env
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
     from dss_jax import checkpoints, convert
 
     hf = T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=256,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-        )
+        hf_t5_config(vocab_size=256, relative_attention_num_buckets=32, relative_attention_max_distance=128)
     )
     hf.save_pretrained(tmp_path / "hf")
     subprocess.run(
-        [sys.executable, "-m", "dss_jax.convert", "hf-to-dss", str(tmp_path / "hf"), str(tmp_path / "pre")], check=True
+        [sys.executable, "-m", "dss_jax.convert", "hf-to-dss", str(tmp_path / "hf"), str(tmp_path / "pre")],
+        check=True,
+        timeout=300,
     )
     r = subprocess.run(
         train_cmd(
@@ -140,6 +135,7 @@ def test_training_starts_from_a_pretrained_checkpoint(tmp_path, toy_jsonl):
         capture_output=True,
         text=True,
         env=xla_env(1),
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "initialized parameters from" in r.stderr
@@ -157,6 +153,7 @@ def test_dss_vocab_cli(tmp_path, toy_jsonl):
         [sys.executable, "-m", "dss_jax.tasks.vocab", "--train_on", str(toy_jsonl), "--vocab_size", "60", "--out", str(out)],
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     import sentencepiece as spm

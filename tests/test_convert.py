@@ -17,7 +17,7 @@ CLI = [sys.executable, "-m", "dss_jax.convert"]
 
 
 def _run(*args, ok=True):
-    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
     assert (r.returncode == 0) == ok, r.stdout + r.stderr
     return r
 

@@ -211,6 +211,7 @@ def test_dss_data_cli_prints_counts_and_teacher_accuracy():
         capture_output=True,
         text=True,
         env={**__import__("os").environ, "DSS_DATA_DIR": str(SHARED_DATA)},
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     rows = {(x["benchmark"], x["split"]): x for x in json.loads(r.stdout)}
@@ -223,7 +224,9 @@ def test_dss_data_cli_prints_counts_and_teacher_accuracy():
 def test_dss_data_cli_names_a_bad_file(tmp_path):
     f = write_toy_jsonl(tmp_path / "t.jsonl", 3)
     f.write_text(f.read_text() + "{oops\n")
-    r = subprocess.run([sys.executable, "-m", "dss_jax.tasks.data_stats", "--user_jsonl", str(f)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dss_jax.tasks.data_stats", "--user_jsonl", str(f)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2 and "t.jsonl:4: malformed JSON" in r.stderr
 
 

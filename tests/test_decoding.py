@@ -4,22 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from factories import small_t5
 
 from dss_jax import convert, decoding, model
 
-CFG = model.T5Config(
-    vocab_size=40,
-    d_model=32,
-    d_kv=8,
-    d_ff=64,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    dropout_rate=0.0,
-    dtype="float32",
-)
+CFG = small_t5(vocab_size=40, relative_attention_num_buckets=8, relative_attention_max_distance=16)
 
 
 def _ragged(seed, batch=4, length=12):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from factories import tiny_t5
 
 from dss_jax import convert, decoding, model
 from dss_jax.params import flatten, stack_layers
@@ -181,7 +182,7 @@ def test_config_from_dict_picks_the_family():
     cfg = convert.gemma_config_from_hf({"model_type": "t5gemma2", "encoder": {"text_config": dict(ENC)}, "decoder": dict(DEC)})
     again = model.config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert isinstance(again, GemmaConfig) and again == cfg
-    t5 = model.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2)
+    t5 = tiny_t5()
     assert model.config_from_dict(t5.to_dict()) == t5  # old dss_config.json files have no "family"
     with pytest.raises(ValueError, match="family"):
         model.config_from_dict({"family": "bert"})

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from factories import gemma_stack, tiny_gemma
 
 from dss_jax import losses
 
@@ -21,16 +22,11 @@ def test_t5gemma2_trains_sharded_with_scan_and_remat():
     from common import synthetic_batch
 
     from dss_jax import optim, partitioning, trainer
-    from dss_jax.gemma import GemmaConfig
 
-    stack = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                 query_pre_attn_scalar=12, sliding_window=4)  # fmt: skip
-    cfg = GemmaConfig(
-        family="t5gemma2",
-        encoder=dict(stack, num_hidden_layers=3, layer_types=("sliding_attention", "sliding_attention", "full_attention")),
-        decoder=dict(stack, num_hidden_layers=2, layer_types=("sliding_attention", "full_attention")),
-        vocab_size=64,
-        eoi_token_index=63,
+    cfg = tiny_gemma(
+        "t5gemma2",
+        encoder=gemma_stack(num_hidden_layers=3, layer_types=("sliding_attention", "sliding_attention", "full_attention")),
+        decoder=gemma_stack(layer_types=("sliding_attention", "full_attention")),
         dropout_rate=0.1,
         scan_layers=True,
         remat_policy="full",
@@ -60,12 +56,10 @@ def test_t5gemma2_trains_sharded_with_scan_and_remat():
 def test_from_scratch_loss_starts_near_uniform(family):
     """A freshly initialised student's loss is near ln(vocab), not hundreds (tied head, no softcap in T5Gemma 2)."""
     from dss_jax import model
-    from dss_jax.gemma import GemmaConfig
 
-    stack = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, query_pre_attn_scalar=16, sliding_window=4)  # fmt: skip
+    stack = gemma_stack(hidden_size=64, intermediate_size=96, head_dim=16, query_pre_attn_scalar=16)
     vocab = 4096
-    cfg = GemmaConfig(family=family, encoder=stack, decoder=stack, vocab_size=vocab, eoi_token_index=vocab - 1, dtype="float32")
+    cfg = tiny_gemma(family, encoder=stack, decoder=stack, vocab_size=vocab)
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     enc, tgt = rng.integers(3, vocab, (4, 16)), rng.integers(3, vocab, (4, 8))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import hf_t5
+from factories import tiny_t5
 
 from dss_jax import convert, decoding, model
 
@@ -118,7 +119,7 @@ def test_packed_segments_do_not_see_each_other():
 def test_logical_axis_names_cover_every_parameter():
     from flax import linen as nn
 
-    cfg = model.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1)
+    cfg = tiny_t5()
     boxed = jax.eval_shape(
         lambda: model.T5(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
     )

@@ -51,9 +51,10 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
         ],
         capture_output=True,
         text=True,
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-4000:]
-    r = subprocess.run(_train_cmd(single, toy_jsonl), env=xla_env(8), capture_output=True, text=True)
+    r = subprocess.run(_train_cmd(single, toy_jsonl), env=xla_env(8), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)
     assert len(_losses(multi)) == 10

@@ -80,7 +80,7 @@ def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
         "--gin.pipeline.SeqioData.targets_length=16",
         "--gin.optim.learning_rate_schedule.warmup_steps=0",
     ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cache_dataset_ops" not in r.stderr  # TensorFlow's partial-cache warning at subset evaluations
     assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if p.is_dir()) == [
@@ -93,7 +93,9 @@ def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
         summary = json.loads((root / arm / "BENCHMARK=svamp" / "summary.json").read_text())
         assert summary["splits"]["test"]["examples"] == summary["splits"]["test"]["total"] == 200
 
-    r = subprocess.run([sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["method"]: row for row in compare_runs.aggregate(compare_runs.collect(root))}
     assert rows["finetune"]["paper_test_accuracy"] == 62.63

@@ -16,7 +16,9 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def _plan(*args):
-    r = subprocess.run([sys.executable, "-m", "dss_jax.plan", "--json", *args], capture_output=True, text=True, env=ENV)
+    r = subprocess.run(
+        [sys.executable, "-m", "dss_jax.plan", "--json", *args], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout)
 
@@ -64,6 +66,7 @@ def test_plan_rejects_unknown_topologies():
         capture_output=True,
         text=True,
         env=ENV,
+        timeout=300,
     )
     assert r.returncode == 2 and "unknown topology 'v9-8'" in r.stderr
 
@@ -87,6 +90,7 @@ def test_tpu_launcher_dry_run_prints_every_gcloud_step():
         ],
         capture_output=True,
         text=True,
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr
     cmds = [x for x in r.stdout.splitlines() if not x.startswith("#")]
@@ -116,10 +120,13 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
         capture_output=True,
         text=True,
         env=xla_env(1),
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == ["alpha=0.3,train_fraction=0.5", "alpha=0.7,train_fraction=0.5"]
-    r = subprocess.run([sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     table = (root / "report" / "results.md").read_text()
     assert "| alpha=0.3,train_fraction=0.5 | toy | dss | gold | 0.30 | 0.50 |" in table
@@ -142,6 +149,7 @@ def test_tpu_launcher_picks_the_documented_runtime_per_generation(accel, runtime
         + ["--dry_run", "--", "dss-train"],
         capture_output=True,
         text=True,
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr
     assert f"--version={runtime}" in r.stdout.splitlines()[1]
@@ -155,13 +163,15 @@ def test_tpu_launcher_sdist_installs_into_a_fresh_venv(tmp_path):
     tpu_vm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tpu_vm)
     dist = tmp_path / "dist"
-    r = subprocess.run(tpu_vm.sdist_command(dist), capture_output=True, text=True)
+    r = subprocess.run(tpu_vm.sdist_command(dist), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     sdist = dist / f"dss_jax-{tpu_vm.package_version()}.tar.gz"
     assert sdist.exists(), sorted(p.name for p in dist.iterdir())
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(sdist)], capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    r = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(sdist)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     site = next((venv / "lib").glob("python*/site-packages"))
     for rel in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from factories import tiny_t5
 
 from dss_jax.tasks import quality
 from dss_jax.tasks.readers import Example
@@ -83,7 +84,7 @@ def test_several_rationales_per_input_are_weighted_so_each_input_counts_once(tmp
     import numpy as np
 
     from dss_jax import trainer
-    from dss_jax.model import T5, T5Config
+    from dss_jax.model import T5
     from dss_jax.tasks import pipeline, registry, vocab
 
     words = ["red", "blue", "green", "small", "large", "round", "square", "soft"]
@@ -98,7 +99,7 @@ def test_several_rationales_per_input_are_weighted_so_each_input_counts_once(tmp
         tmp_path / "two.jsonl", [{**r, "rationales": [r["rationale"] + " "]} if i % 2 == 0 else r for i, r in enumerate(base)]
     )
     v = vocab.get_vocabulary(train_on=one, vocab_size=60)
-    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, dtype="float32")  # fmt: skip
+    cfg = tiny_t5()
     params = T5(cfg).init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
 
     def measure(path, k):

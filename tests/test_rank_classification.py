@@ -9,24 +9,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, foreign_log_lines, xla_env
+from factories import tiny_t5
 
 from dss_jax import decoding, evaluators
-from dss_jax.model import T5Config, init_params
+from dss_jax.model import init_params
 from dss_jax.tasks import baselines
 
-CFG = T5Config(
-    vocab_size=50,
-    d_model=16,
-    num_heads=2,
-    d_kv=8,
-    d_ff=32,
-    num_encoder_layers=1,
-    num_decoder_layers=2,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
-    relative_attention_num_buckets=8,
-    dtype="float32",
-)
+CFG = tiny_t5(vocab_size=50, d_kv=8, num_decoder_layers=2, relative_attention_num_buckets=8)
 
 
 def _brute_force(params, inputs, choices):
@@ -120,6 +109,7 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)

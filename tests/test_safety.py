@@ -77,7 +77,7 @@ def test_unread_bindings_stop_dss_train_before_the_model_dir_is_made(tmp_path):
     model_dir = tmp_path / "m"
     cmd = train_cmd(model_dir, toy, "--gin.registry.register_benchmark.data_dir='/nowhere'")
     cmd[cmd.index(f"--gin_file={TOY_GIN}")] = f"--gin_file={user}"
-    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=900)
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = _error_lines(r.stderr, "dss-train")
     assert f"macro EPOCHS ({user}:2)" in line
@@ -92,7 +92,11 @@ def test_an_override_for_a_part_the_run_does_not_use_stops_before_the_first_step
     toy = write_toy_jsonl(tmp_path / "toy.jsonl", n=60)
     model_dir = tmp_path / "m"
     r = subprocess.run(
-        train_cmd(model_dir, toy, "--gin.registry.mixture_rate.a=0.3"), env=xla_env(1), capture_output=True, text=True
+        train_cmd(model_dir, toy, "--gin.registry.mixture_rate.a=0.3"),
+        env=xla_env(1),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = _error_lines(r.stderr, "dss-train")
@@ -163,23 +167,10 @@ def test_a_model_dir_that_is_a_file_is_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 4-step toy run (1 device): its model dir, and the validation accuracy measured in the loop."""
-    root = tmp_path_factory.mktemp("safety")
-    toy = write_toy_jsonl(root / "toy.jsonl", n=120)
-    model_dir = root / "m"
-    cmd = train_cmd(
-        model_dir,
-        toy,
-        "--gin.TRAIN_STEPS=4",
-        "--gin.train.train.eval_every=4",
-        "--gin.train.train.checkpoint_every=4",
-        "--gin.train.train.evaluate_test=False",
-    )
-    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    evals = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
-    return model_dir, evals[-1]["toy_label_gold/accuracy"]
+def trained(toy_student):
+    """The session's toy student (this module's copy): its model dir, and the validation accuracy measured in the loop."""
+    evals = [json.loads(x) for x in (toy_student / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
+    return toy_student, evals[-1]["toy_label_gold/accuracy"]
 
 
 def _hostile_copy(model_dir, tmp_path):
@@ -193,7 +184,9 @@ def _hostile_copy(model_dir, tmp_path):
 
 
 def _cli(module: str, *args: str):
-    return subprocess.run([sys.executable, "-m", module, *args], env=xla_env(1), capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], env=xla_env(1), capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -281,7 +274,7 @@ def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp
         f"--gin.pipeline.SeqioData.user_validation_file='{val}'",
         f"--gin.pipeline.SeqioData.user_test_file='{test}'",
     )
-    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
+    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = model_dir / "eval"
 
@@ -320,7 +313,7 @@ def test_dss_train_on_rows_without_rationales_is_one_line_saying_what_to_do(tmp_
     f = tmp_path / "train.jsonl"
     f.write_text("".join(json.dumps({"input": f"w{i} x", "label": f"w{i}"}) + "\n" for i in range(40)))
     model_dir = tmp_path / "m"
-    r = subprocess.run(train_cmd(model_dir, f), env=xla_env(1), capture_output=True, text=True)
+    r = subprocess.run(train_cmd(model_dir, f), env=xla_env(1), capture_output=True, text=True, timeout=900)
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = _error_lines(r.stderr, "dss-train")
     assert f"{f}: none of its 40 rows has a 'rationale'" in line and "dss-teacher" in line and "finetune" in line

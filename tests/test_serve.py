@@ -8,7 +8,8 @@ import time
 
 import httpx
 import pytest
-from conftest import train_cmd, xla_env
+from conftest import xla_env
+from factories import tiny_t5
 
 pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
@@ -20,15 +21,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, toy_jsonl):
-    d = tmp_path_factory.mktemp("serve") / "toy_student"
-    cmd = train_cmd(
-        d, toy_jsonl, "--gin.TRAIN_STEPS=60", "--gin.train.train.eval_every=60", "--gin.train.train.checkpoint_every=60"
-    )
-    cmd += ["--gin.optim.learning_rate_schedule.base_learning_rate=3e-3"]
-    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return d
+def student(toy_student):
+    return toy_student  # trained once per session (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +77,7 @@ def test_completions_equal_dss_infer_and_batch_concurrent_requests(server, stude
         env=xla_env(1),
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     expected = [json.loads(x) for x in r.stdout.splitlines()]
@@ -346,8 +341,7 @@ def test_decode_rows_per_row_settings_match_uniform_ones_and_greedy():
 
     from dss_jax import decoding, model
 
-    cfg = model.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1,
-                         num_decoder_layers=1, dropout_rate=0.0, dtype="float32")  # fmt: skip
+    cfg = tiny_t5()
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     ids = np.array([[5, 6, 7, 1], [9, 10, 1, 0], [11, 12, 13, 1]], np.int32)
 

@@ -302,11 +302,11 @@ def test_sigkill_then_rerun_asks_nothing_twice_and_writes_the_same_file(tmp_path
         store = teacher.side_paths(killed)["store"]
         deadline = time.time() + 60
         while not (store.exists() and store.read_bytes().count(b"\n") >= 12):
-            assert proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, proc.communicate(timeout=60)
             assert time.time() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(timeout=10)
         stored = set(store_keys(killed))
         assert 12 <= len(stored) < 80
         with open(store, "ab") as f:  # a record torn by the kill: never a completion
@@ -482,17 +482,13 @@ def test_bad_inputs_give_one_line_errors_and_the_key_is_never_written(tmp_path, 
 
 
 @pytest.mark.slow  # trains two tiny students and serves one (a few minutes on 2 cores)
-def test_end_to_end_a_served_student_teaches_and_its_output_trains(tmp_path, toy_jsonl):
-    """dss-train -> dss-serve -> dss-teacher (from the served student) -> dss-train on the teacher's output."""
+def test_end_to_end_a_served_student_teaches_and_its_output_trains(tmp_path, toy_jsonl, toy_student):
+    """dss-train (the session's toy student) -> dss-serve -> dss-teacher (from the served student) -> dss-train on
+    the teacher's output."""
     import httpx
     from conftest import train_cmd, xla_env
 
-    student = tmp_path / "student"
-    steps = ("--gin.TRAIN_STEPS=60", "--gin.train.train.eval_every=60", "--gin.train.train.checkpoint_every=60")
-    cmd = train_cmd(student, toy_jsonl, *steps, "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3")
-    r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-
+    student = toy_student
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -535,7 +531,7 @@ def test_end_to_end_a_served_student_teaches_and_its_output_trains(tmp_path, toy
         n_served = httpx.get(url + "/health").json()["requests"]
     finally:
         serve.terminate()
-        serve.wait(30)
+        serve.wait(timeout=30)
     s = summary_of(out)
     assert s["complete"] and s["this_run"]["requests"] == n_served == 48
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -661,7 +657,7 @@ def test_ctrl_c_gives_one_line_keeps_the_work_and_exits_130(tmp_path):
         store = teacher.side_paths(out)["store"]
         deadline = time.time() + 60
         while not (store.exists() and store.read_bytes().count(b"\n") >= 12):
-            assert proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, proc.communicate(timeout=60)
             assert time.time() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)

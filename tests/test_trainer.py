@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import TOY_GIN as GIN
+from factories import tiny_t5
 
 from dss_jax import gin_utils, losses, train
 
@@ -152,12 +153,8 @@ def test_microbatches_split_every_devices_rows_without_gathering_the_batch(k):
     from common import synthetic_batch
 
     from dss_jax import optim, partitioning, trainer
-    from dss_jax.model import T5Config
 
-    cfg = T5Config(
-        vocab_size=64, d_model=24, d_kv=8, d_ff=48, num_heads=3, num_encoder_layers=1, num_decoder_layers=1,
-        dropout_rate=0.0, dtype="float32",
-    )  # fmt: skip
+    cfg = tiny_t5(d_model=24, d_kv=8, d_ff=48, num_heads=3)
     tx = optim.make_optimizer("adamw", learning_rate=1e-3)
     mc = partitioning.MeshConfig(data=8, fsdp=1, model=1)
     mesh = partitioning.make_mesh(mc)
