@@ -107,7 +107,7 @@ def recipe_batch(
     """A training step's batch as the recipe makes it from real examples (the paper's DSS mixture, ``batch``
     sequences: half label, half rationale targets), and the real lengths of its examples.
 
-    ``samples`` batches are read; the one whose repacked size is the median stands for the run. ``full``: rows
+    ``samples`` batches are read; the one with the median count of real tokens stands for the run. ``full``: rows
     of the configured lengths with every token real (no data read). Returns the batch, the real encoder and
     decoder lengths, and every sampled batch's (rows, encoder length, decoder length).
     """
@@ -132,8 +132,8 @@ def recipe_batch(
         (b["encoder_input_tokens"].shape[0], b["encoder_input_tokens"].shape[1], b["decoder_target_tokens"].shape[1])
         for b in packed
     ]
-    sizes = [r * (e + t) for r, e, t in shapes]
-    pick = sorted(range(samples), key=lambda i: sizes[i])[samples // 2]
+    real = [sum(int(x.sum()) for x in batching.real_lengths(b)) for b in raw]
+    pick = sorted(range(samples), key=lambda i: (real[i], i))[samples // 2]  # the same batch whatever the recipe
     enc_len, dec_len = batching.real_lengths(raw[pick])
     return packed[pick], enc_len, dec_len, shapes
 

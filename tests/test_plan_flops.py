@@ -37,9 +37,18 @@ def _loop_program(strip_annotation: bool) -> str:
 def test_a_loop_body_counts_once_per_trip(strip):
     got = flops.loop_scaled_cost(_loop_program(strip))
     assert got["unresolved"] == [] and [lp["trips"] for lp in got["loops"]] == [7]
-    dot = 2 * 4 * 16 * 16
-    assert got["once"]["flops"] >= dot and got["flops"] >= 7 * dot
-    assert got["flops"] == pytest.approx(7 * got["once"]["flops"], rel=0.02)  # nothing else computes
+    w = jnp.ones((16, 16), jnp.float32)
+
+    def unrolled(y):
+        for _ in range(7):
+            y = jnp.tanh(y @ w)
+        return y
+
+    compiled = jax.jit(unrolled).lower(jax.ShapeDtypeStruct((4, 16), jnp.float32)).compile()
+    cost = compiled.cost_analysis()
+    want = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    assert want >= 7 * 2 * 4 * 16 * 16 and got["once"]["flops"] < want / 2
+    assert got["flops"] == pytest.approx(want, rel=0.01)
 
 
 def _train_step_text(scan: bool, microbatches: int = 1) -> tuple[str, float]:
@@ -70,4 +79,27 @@ def test_scanned_layers_count_as_the_unrolled_program():
     scanned = flops.loop_scaled_cost(scanned_text)
     assert scanned["unresolved"] == []
     assert scanned_xla < 0.8 * unrolled_xla  # XLA alone counts the scanned layer once
-    assert scanned["flops"] == pytest.approx(unrolled_xla, rel=0.02)
+    # the same within 5%: the scanned program does a little work of its own (the layer loop's bookkeeping, the
+    # relative-position bias per layer), while the loop counted once would be off by the layer count
+    assert scanned["flops"] == pytest.approx(unrolled_xla, rel=0.05)
+
+
+@pytest.mark.slow
+def test_recipes_compute_fewer_tokens_for_the_same_model_flops():
+    from conftest import SHARED_DATA
+
+    from dss_jax import plan
+
+    if not (SHARED_DATA / "cqa").exists():
+        pytest.skip(f"no CQA data in {SHARED_DATA}")
+    cfg = configs.model_config("t5_1_1_tiny")
+    got = {}
+    for recipe in ("padded", "bucketed", "packed"):
+        arrays, enc, dec, shapes = plan.recipe_batch(recipe, 32, 1024, 256, 8, "cqa", None, 2)
+        computed = arrays["encoder_input_tokens"].size + arrays["decoder_target_tokens"].size
+        got[recipe] = (flops.model_flops(cfg, enc, dec)["total"], computed, int(enc.sum() + dec.sum()))
+        assert len(shapes) == 2 and arrays["encoder_input_tokens"].shape[0] % 8 == 0
+    assert got["padded"][1] == 32 * (1024 + 256)
+    assert got["padded"][0] == got["bucketed"][0] == got["packed"][0]  # the same examples: the same useful work
+    assert got["packed"][2] <= got["packed"][1] < got["bucketed"][1] < got["padded"][1]
+    assert "decoder_segment_ids" in plan.recipe_batch("packed", 32, 1024, 256, 8, "cqa", None, 1)[0]
