@@ -262,7 +262,9 @@ def trip_count(hlo: Hlo, parent: str, operand: str, cond: str, body: str) -> int
 
 def loop_scaled_cost(text: str, cost_fn: Any = None) -> dict[str, Any]:
     """XLA's cost of an optimized HLO module with every while body counted by its trip count (see the module
-    docstring). ``cost_fn(module_text) -> dict`` defaults to XLA:CPU's ``hlo_module_cost_analysis``."""
+    docstring). ``cost_fn(module_text) -> dict`` defaults to XLA:CPU's ``hlo_module_cost_analysis``. Each loop
+    is listed with its trip count, how often it runs, its jax op name and the FLOPs of all its trips (nested
+    loops inside its body counted once there)."""
     cost_fn = cost_fn or xla_cost
     hlo = Hlo.parse(text)
     once = cost_fn(hlo.module_text(hlo.entry))
@@ -279,13 +281,16 @@ def loop_scaled_cost(text: str, cost_fn: Any = None) -> dict[str, Any]:
                 operand, cond, body = w.groups()
                 known = _KNOWN_TRIPS.search(line)  # XLA:CPU annotates it; the TPU's optimized HLO does not
                 trips = int(known.group(1)) if known else trip_count(hlo, comp, operand, cond, body)
+                body_cost = cost_fn(hlo.module_text(body)) if trips not in (None, 1) else {}
+                for k in COST_KEYS:
+                    total[k] += ((trips or 1) - 1) * n_comp * float(body_cost.get(k, 0.0))
                 if trips is None:
                     unresolved.append(body)
-                elif trips != 1:
-                    extra = cost_fn(hlo.module_text(body))
-                    for k in COST_KEYS:
-                        total[k] += (trips - 1) * n_comp * float(extra.get(k, 0.0))
-                loops.append({"body": body, "trips": trips, "runs": n_comp})
+                name = re.search(r'op_name="([^"]*)"', line)
+                loops.append({
+                    "body": body, "trips": trips, "runs": n_comp, "op_name": name.group(1) if name else "",
+                    "flops": (trips or 1) * n_comp * float(body_cost.get("flops", 0.0)),
+                })  # fmt: skip
             for ref in calls:
                 factor = trips if (w and ref == w.group(3) and trips is not None) else 1
                 runs[ref] = runs.get(ref, 0.0) + n_comp * factor
