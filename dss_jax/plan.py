@@ -201,6 +201,10 @@ def _flops_row(compiled: Any, model_flops: float, peak: float, hbm_bw: float) ->
         "xla_flops_loops_once_per_device": float(cost.get("flops", 0.0)),
         "loops": len(scaled["loops"]),
         "loops_without_trip_count": len(scaled["unresolved"]),
+        "heaviest_loops": [
+            {"op_name": lp["op_name"][-160:], "trips": lp["trips"], "runs": lp["runs"], "flops": lp["flops"]}
+            for lp in sorted(scaled["loops"], key=lambda lp: -lp["flops"])[:4]
+        ],
         "compiled_over_model_flops": round(scaled["flops"] / model_flops, 3) if model_flops else None,
         "roofline_step_s": round(step_s, 5),
         "roofline_bound": "compute" if scaled["flops"] / peak >= bytes_ / hbm_bw else "memory",
