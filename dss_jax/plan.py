@@ -188,7 +188,8 @@ def _flops_row(compiled: Any, model_flops: float, peak: float, hbm_bw: float) ->
 
     FLOPs: XLA's own count with each loop body scaled (``flops.loop_scaled_cost``). Bytes: the TPU's once-counted
     bytes scaled by the same loop factor XLA:CPU's byte count shows (the TPU pads shapes to its tiles; the CPU's
-    count does not), so an estimate."""
+    count does not), so an estimate; XLA counts every operand and output of every fusion, so it bounds HBM traffic
+    from above and the memory side of the roofline is pessimistic (both sides are reported)."""
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
     scaled = flops.loop_scaled_cost(compiled.as_text())
@@ -207,6 +208,8 @@ def _flops_row(compiled: Any, model_flops: float, peak: float, hbm_bw: float) ->
         ],
         "compiled_over_model_flops": round(scaled["flops"] / model_flops, 3) if model_flops else None,
         "roofline_step_s": round(step_s, 5),
+        "roofline_compute_s": round(scaled["flops"] / peak, 5),
+        "roofline_memory_s": round(bytes_ / hbm_bw, 5),
         "roofline_bound": "compute" if scaled["flops"] / peak >= bytes_ / hbm_bw else "memory",
         "mfu_bound": round(model_flops / peak / step_s, 4) if step_s else None,
     }
