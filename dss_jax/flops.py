@@ -252,6 +252,10 @@ def trip_count(hlo: Hlo, parent: str, operand: str, cond: str, body: str) -> int
     start = _constant(pdefs, _operands(init_rhs)[idx])
     broot = _root(hlo, body)
     nxt = _operands(broot)[idx] if _opcode(broot) == "tuple" else ""
+    for _ in range(8):  # through copies to the increment
+        if _opcode(bdefs.get(nxt, "")) not in ("copy", "bitcast") or not _operands(bdefs[nxt]):
+            break
+        nxt = _operands(bdefs[nxt])[0]
     op, args, _ = _unwrap(hlo, bdefs.get(nxt, ""))
     step = next((c for c in (_constant(bdefs, x) for x in args) if c is not None), None) if op == "add" else None
     if start is None or not step:
