@@ -43,6 +43,10 @@ def test_plan_reports_a_fit_and_a_non_fit():
     assert fits[0]["devices"] == 4 and fits[1]["devices"] == 8  # v4 shows each TensorCore as a device
     assert 0 < fits[0]["peak_gib_per_device"] < fits[0]["hbm_gib_per_device"]
     assert fits[0]["params_gib_per_device"] > 0 and fits[0]["model_flops_per_step_per_device"] > 0
+    for r in fits:  # scanned layers: the trip-counted compile exceeds XLA's once-per-loop count; every loop is read
+        assert r["loops"] > 0 and r["loops_without_trip_count"] == 0
+        assert r["compiled_flops_per_device"] > 1.5 * r["xla_flops_loops_once_per_device"]
+        assert r["compiled_over_model_flops"] >= 1.0 and 0 < r["mfu_bound"] <= 1.0 and r["roofline_step_s"] > 0
     big = _plan(
         "--model",
         "t5_1_1_tiny",
