@@ -226,7 +226,7 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     keys = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in paths_leaves]
     sums = np.asarray(jax.device_get(_tree_checksums([leaf for _, leaf in paths_leaves])))
-    return {k: f"{int(a):08x}-{int(b):08x}" for k, (a, b) in zip(keys, sums)}
+    return {k: f"{int(a):08x}-{int(b):08x}" for k, (a, b) in zip(keys, sums, strict=True)}
 
 
 def checksum_record(tree: Any) -> dict[str, Any]:
@@ -241,7 +241,7 @@ def read_checksums(step_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
-    except Exception as e:  # noqa: BLE001 - any unreadable record is damage
+    except Exception as e:  # any unreadable record is damage
         raise CheckpointDamagedError(
             f"checkpoint step {Path(step_dir).name}: its checksum record is unreadable ({_first_line(e)})"
         ) from e
@@ -341,7 +341,7 @@ def _stored_tree(state_dir: Path) -> Any:
     name = state_dir.parent.name
     try:
         meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
+    except Exception as e:  # unreadable metadata is damage
         raise CheckpointDamagedError(f"checkpoint step {name} is damaged: metadata unreadable ({_first_line(e)})") from e
     item = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     tree = getattr(item, "tree", None)
@@ -387,5 +387,5 @@ def read_or_damaged(fn: Any, step_dir: str | os.PathLike) -> Any:
         return fn()
     except CheckpointDamagedError:
         raise
-    except Exception as e:  # noqa: BLE001 - the shapes were checked first, so what fails here is the files
+    except Exception as e:  # the shapes were checked first, so what fails here is the files
         raise CheckpointDamagedError(f"checkpoint step {Path(step_dir).name} is damaged: unreadable ({_first_line(e)})") from e

@@ -80,12 +80,12 @@ def _tolerant_gin_file_checks() -> None:
     """gin's package-path reader raises TypeError on an include like 'runs/x.gin' when a folder ``runs/`` in the
     working dir imports as a namespace package (python -m from the repo root, next to runs/quickstart/): treat
     that as "not there" so the search path finds the file."""
-    readers = gin.config._FILE_READERS  # noqa: SLF001 - gin offers no public way to wrap a registered reader
+    readers = gin.config._FILE_READERS  # gin offers no public way to wrap a registered reader
     for i, (reader, exists) in enumerate(readers):
         if getattr(exists, "tolerant", False):
             continue
 
-        def tolerant(path: str, _exists=exists) -> bool:  # noqa: ANN001
+        def tolerant(path: str, _exists: collections.abc.Callable[[str], bool] = exists) -> bool:
             try:
                 return _exists(path)
             except TypeError:
@@ -192,13 +192,13 @@ def _parameter_hints(fn: object) -> dict[str, object]:
     target = fn.__init__ if isinstance(fn, type) else fn
     try:
         return typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - resolve them one by one: an annotation that does not resolve is not checked
+    except Exception:  # resolve them one by one: an annotation that does not resolve is not checked
         hints: dict[str, object] = {}
         scope = getattr(target, "__globals__", None)
         for name, ann in getattr(target, "__annotations__", {}).items():
             try:
                 hints.update(typing.get_type_hints(type("_", (), {"__annotations__": {name: ann}}), globalns=scope))
-            except Exception:  # noqa: BLE001, S112
+            except Exception:
                 continue
         return hints
 
@@ -208,12 +208,12 @@ def binding_type_errors() -> list[str]:
     annotation of the parameter it binds (``train.train.batch_size = 'x'``), so the job stops before it makes
     anything rather than with a traceback deep inside it. Macros are followed to their values; references to
     calls (``@f()``) are not checked."""
-    config = gin.config._CONFIG  # noqa: SLF001 - gin lists no bindings publicly
+    config = gin.config._CONFIG  # gin lists no bindings publicly
     out = []
     for (scope, selector), params in list(config.items()):
         if selector == "gin.macro":
             continue
-        configurable = gin.config._REGISTRY.get_match(selector)  # noqa: SLF001
+        configurable = gin.config._REGISTRY.get_match(selector)
         if configurable is None:
             continue
         hints = _parameter_hints(configurable.wrapped)
@@ -360,8 +360,8 @@ def unread_bindings(pending: Iterable[str] = (), exempt_files: Iterable[str | os
     Bindings written in the package's gin/ files and in ``exempt_files`` are not reported: those files hold settings
     shared by several binaries and methods (``INPUTS_PER_STEP`` documents the quickstart's step, for one).
     """
-    config = gin.config._CONFIG  # noqa: SLF001 - gin lists neither the bindings nor the parameters its calls read
-    operative = gin.config._OPERATIVE_CONFIG  # noqa: SLF001
+    config = gin.config._CONFIG  # gin lists neither the bindings nor the parameters its calls read
+    operative = gin.config._OPERATIVE_CONFIG
     read: dict[tuple[str, str], list[tuple[str, ...]]] = {}
     for (scope, selector), params in list(operative.items()):
         for arg in params:

@@ -143,7 +143,9 @@ def _t5_layer_map(cfg: T5Config) -> list[tuple[str, str, bool]]:
     mlp = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
 
     def attn(hf: str, dss: str) -> list[tuple[str, str, bool]]:
-        return [(f"{hf}.{a}.weight", f"{dss}/{b}/kernel", True) for a, b in zip("qkvo", ("query", "key", "value", "out"))]
+        return [
+            (f"{hf}.{a}.weight", f"{dss}/{b}/kernel", True) for a, b in zip("qkvo", ("query", "key", "value", "out"), strict=True)
+        ]
 
     for i in range(cfg.num_encoder_layers):
         hf, dss = f"encoder.block.{i}.layer", f"encoder/layers_{i}"

@@ -112,7 +112,7 @@ def evaluate_step_dir(
     vocab = task.output_features["targets"].vocabulary
     texts = [vocab.decode(p) for p in preds]
     targets = [task.postprocess_fn(e["targets_pretokenized"], example=e, is_target=True) for e in examples]
-    predictions = [task.postprocess_fn(t, example=e, is_target=False) for t, e in zip(texts, examples)]
+    predictions = [task.postprocess_fn(t, example=e, is_target=False) for t, e in zip(texts, examples, strict=True)]
     metrics: dict[str, float] = {}
     for fn in task.metric_fns:
         metrics.update(fn(targets, predictions))
@@ -125,7 +125,7 @@ def evaluate_step_dir(
         r_ex = _examples(f"{data.benchmark}_rationale", split, data.inputs_length)
         with jax.set_mesh(mesh):
             r_preds = _decode_all(params, cfg, [e["inputs"] for e in r_ex], data.inputs_length, max_len, batch_size, num_beams)
-        by_idx = {int(e["idx"]): vocab.decode(p) for e, p in zip(r_ex, r_preds)}
+        by_idx = {int(e["idx"]): vocab.decode(p) for e, p in zip(r_ex, r_preds, strict=True)}
         rationale_texts = [by_idx.get(int(e["idx"]), "") for e in examples]
     step = int(step_dir.name) if step_dir.name.isdigit() else -1
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def _rank_classify(
         inputs[i, : len(e["inputs"])] = e["inputs"]
     with jax.set_mesh(mesh):
         picks = scoring.rank_classify(params, cfg, inputs, [data.tokenize(c) for c in labels], batch_size)
-    return [c[k] for c, k in zip(labels, picks)]
+    return [c[k] for c, k in zip(labels, picks, strict=True)]
 
 
 def _text(x: Any) -> str:

@@ -77,7 +77,7 @@ def rank_scores(
     if labels is None or not len(inputs):
         return {}
     picks = rank_classify(params, cfg, inputs, [data.tokenize(c) for c in labels], local_batch, bsharding)
-    return data.score(split, [c[k] for c, k in zip(labels, picks)])
+    return data.score(split, [c[k] for c, k in zip(labels, picks, strict=True)])
 
 
 def can_decode(data: Any) -> bool:

@@ -184,7 +184,7 @@ class Batcher:
             batch, pending = pending[: self.max_batch], pending[self.max_batch :]
             try:
                 outs = await loop.run_in_executor(None, self._decode, [j.ids for j in batch], [j.sampling for j in batch])
-                for j, out in zip(batch, outs):
+                for j, out in zip(batch, outs, strict=True):
                     if not j.future.done():
                         j.future.set_result(out)
             except Exception as e:  # a decode failure fails its requests, never the server
@@ -201,7 +201,7 @@ class Batcher:
             np.ones(batch_size, np.float32),
             np.zeros(batch_size, np.int32),
         )
-        for i, (r, s) in enumerate(zip(rows, samplings)):
+        for i, (r, s) in enumerate(zip(rows, samplings, strict=True)):
             batch[i, : len(r)] = r
             seeds[i], max_tokens[i] = s.seed, s.max_tokens
             temperature[i], top_p[i], top_k[i] = s.temperature, s.top_p, s.top_k
@@ -216,7 +216,7 @@ class Batcher:
         self.stats.rows += len(rows)
         eos = self.predictor.config.eos_token_id
         out = []
-        for row, s in zip(tokens[: len(rows)].tolist(), samplings):
+        for row, s in zip(tokens[: len(rows)].tolist(), samplings, strict=True):
             row = row[: s.max_tokens]
             stopped = eos in row
             out.append((row[: row.index(eos)] if stopped else row, stopped))

@@ -141,7 +141,7 @@ class Store:
         self.torn_bytes = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a+b")  # noqa: SIM115 - held open for the run
+            self._f = open(path, "a+b")  # held open for the run
         except OSError as e:
             raise TeacherError(f"--store {path}: cannot open it for appending ({e.strerror or e})") from None
         try:
@@ -548,7 +548,7 @@ def vote(spec: teacher_prompts.PromptSpec, samples: list[dict | None]) -> dict:
         p = parsed[first[winner]]
         agreeing = [
             q.rationale
-            for q, s in zip(parsed, samples)
+            for q, s in zip(parsed, samples, strict=True)
             if q is not None and q.ok and s.get("finish_reason") != "length" and vote_key(spec.benchmark, q.label) == winner
         ]
         out.update(winner=winner, label=p.label, rationale=p.rationale, rationales=list(dict.fromkeys(agreeing)))
@@ -562,12 +562,12 @@ def aggregate(spec: teacher_prompts.PromptSpec, inputs: list[TeacherInput], samp
     graded = correct = unanimous = 0
     agreement: list[float] = []
     prompt_tokens = completion_tokens = 0
-    for i, (x, ss) in enumerate(zip(inputs, samples)):
+    for i, (x, ss) in enumerate(zip(inputs, samples, strict=True)):
         if any(s is None for s in ss):
             continue  # incomplete: left out so every written row equals the complete run's
         n_complete += 1
         v = vote(spec, ss)
-        for s, p in zip(ss, v["parsed"]):
+        for s, p in zip(ss, v["parsed"], strict=True):
             used += 1
             prompt_tokens += s["usage"]["prompt_tokens"]
             completion_tokens += s["usage"]["completion_tokens"]
@@ -595,7 +595,7 @@ def aggregate(spec: teacher_prompts.PromptSpec, inputs: list[TeacherInput], samp
                         "label": p.label,
                         "parsed": p.ok,
                     }  # fmt: skip
-                    for j, (s, p) in enumerate(zip(ss, v["parsed"]))
+                    for j, (s, p) in enumerate(zip(ss, v["parsed"], strict=True))
                 ],
                 "votes": v["counts"],
                 "llm_label": v["label"],

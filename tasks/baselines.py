@@ -19,9 +19,9 @@ NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 def _accuracy(pred: list[str], gold: list[str], benchmark: str | None) -> float:
     if benchmark == "svamp":
-        ok = sum(arithmetic.equations_equal(p, g) for p, g in zip(pred, gold))
+        ok = sum(arithmetic.equations_equal(p, g) for p, g in zip(pred, gold, strict=True))
     else:
-        ok = sum(p.strip() == g.strip() for p, g in zip(pred, gold))
+        ok = sum(p.strip() == g.strip() for p, g in zip(pred, gold, strict=True))
     return 100.0 * ok / max(1, len(gold))
 
 
@@ -73,5 +73,5 @@ def listed_choice_share(benchmark: str | None, inputs: list[str], predictions: l
     """Multiple choice (CQA): the share of predictions that are one of the input's listed choices (%)."""
     if benchmark != "cqa":
         return None
-    hits = sum(p.strip() in _choices(x) for x, p in zip(inputs, predictions))
+    hits = sum(p.strip() in _choices(x) for x, p in zip(inputs, predictions, strict=True))
     return 100.0 * hits / max(1, len(predictions))

@@ -210,7 +210,7 @@ class RationaleTable:
             rationale_weight=np.ones(rows, np.int32),
         )
         table.keep[at] = keep
-        for i, x in zip(at, extras):
+        for i, x in zip(at, extras, strict=True):
             table.extra[i, : len(x)] = x
             table.rationale_weight[i] = table.label_weight // (1 + len(x))
         return table
@@ -392,13 +392,13 @@ def postprocess_label(output: str | bytes, example: dict | None = None, is_targe
 def accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:
     """Exact-match accuracy of label text (in percent, as the paper reports)."""
     n = max(1, len(targets))
-    return {"accuracy": 100.0 * sum(t.strip() == p.strip() for t, p in zip(targets, predictions)) / n}
+    return {"accuracy": 100.0 * sum(t.strip() == p.strip() for t, p in zip(targets, predictions, strict=True)) / n}
 
 
 def equation_accuracy(targets: list[str], predictions: list[str]) -> dict[str, float]:
     """SVAMP: a predicted equation is right when it evaluates (safely) to the target's value."""
     n = max(1, len(targets))
-    return {"accuracy": 100.0 * sum(arithmetic.equations_equal(p, t) for t, p in zip(targets, predictions)) / n}
+    return {"accuracy": 100.0 * sum(arithmetic.equations_equal(p, t) for t, p in zip(targets, predictions, strict=True)) / n}
 
 
 def metric_fns_for(benchmark: str | None) -> list:

@@ -32,7 +32,7 @@ CFG = T5Config(
 def _brute_force(params, inputs, choices):
     """One choice at a time through the plain teacher-forced model: the obviously-correct twin."""
     picks, scores = [], []
-    for row, cands in zip(inputs, choices):
+    for row, cands in zip(inputs, choices, strict=True):
         s = []
         for toks in cands:
             padded = np.zeros((1, 8), np.int32)  # one shape, one compile; the reference stops at EOS
