@@ -15,7 +15,8 @@ Sliding and global layers differ only in their attention window and RoPE base, s
 scanned layer takes its type as a per-layer flag (``jax.lax.cond`` picks the window) and the tree stays
 ``layers_<i>`` when unscanned.
 
-Text only: T5Gemma 2's vision tower is not part of this model (``dss_jax.convert`` drops it on import).
+The layers are in ``dss_jax.gemma_layers``; this module holds the configs and the encoder-decoder.
+Text only: T5Gemma 2's vision tower is not part of this model (``dss_jax.convert_gemma`` drops it on import).
 This module imports neither TensorFlow nor seqio.
 """
 

@@ -154,7 +154,7 @@ def plot(rows: list[dict[str, Any]], out: Path, metric: str = "test_accuracy") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[Path] = []
     rows = [r for r in rows if r.get(metric) is not None or r.get("validation_accuracy") is not None]
     if not rows:
         return made

@@ -22,6 +22,7 @@ import seqio
 import tensorflow as tf
 
 from dss_jax import batching
+from dss_jax.batching import Repacker
 from dss_jax.tasks import readers, registry
 
 
@@ -296,7 +297,7 @@ class SeqioData:
             self.task, self.inputs_length, self.targets_length, batch_size, self.pack, seed, shard_id, num_shards
         )
 
-    def repacker(self, rows_multiple: int) -> batching.Repacker | None:
+    def repacker(self, rows_multiple: int) -> Repacker | None:
         """Removes padding from each training batch (``batching``); None when the batches stay padded."""
         if self.batching == "padded":
             return None

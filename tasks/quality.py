@@ -79,6 +79,7 @@ def extra_rationales(
     for e, k in zip(examples, keep, strict=True):
         extra = list(e.extra_rationales) if k else []
         if extra and max_rationale_tokens:
+            assert count_tokens is not None, "max_rationale_tokens needs count_tokens"
             short = [r for r, n in zip(extra, count_tokens(extra), strict=True) if n <= max_rationale_tokens]
             capped += len(extra) - len(short)
             extra = short
