@@ -392,8 +392,9 @@ def attention(
         def row(xs: tuple) -> tuple[Array, Array]:
             r, rq, rqp, rqs, rk, rv, rkp, rks, visit = xs
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, r)
-            one_row = (x[None] for x in (rq, rqp, rqs, rk, rv, rkp, rks))
-            out, lse = _run(grid, ranges, table, rng, *one_row, visit=visit)
+            out, lse = _run(
+                grid, ranges, table, rng, rq[None], rqp[None], rqs[None], rk[None], rv[None], rkp[None], rks[None], visit
+            )
             return out[0], lse[0]
 
         out, lse = jax.lax.map(row, (jnp.arange(b), q, pos_q, q_seg, k, v, pos_k, k_seg, pairs))
