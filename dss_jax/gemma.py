@@ -29,15 +29,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dss_jax import attention as attn
 from dss_jax.gemma_layers import GemmaEmbed, GemmaRMSNorm, ropes, run_layers
-from dss_jax.model import Dense, EncoderDecoder, _constrain, _dtype, _segments, decoder_masks
+from dss_jax.model import ConfigMethods, Dense, EncoderDecoder, _constrain, _dtype, _segments, decoder_masks
 
 Array = jax.Array
 
 FAMILIES = ("t5gemma", "t5gemma2")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-REMAT_POLICIES = ("none", "full", "minimal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +96,7 @@ def _stack(d: GemmaStack | dict[str, Any] | None) -> GemmaStack:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(ConfigMethods):
     """Architecture and numerics of a T5Gemma (``family="t5gemma"``) or T5Gemma 2 (``"t5gemma2"``) model.
 
     ``encoder``/``decoder`` hold each stack's dims (T5Gemma's stacks may differ, e.g. 9B-2B); the rest is
@@ -130,10 +128,7 @@ class GemmaConfig:
         object.__setattr__(self, "decoder", _stack(self.decoder))
         if self.family not in FAMILIES:
             raise ValueError(f"GemmaConfig.family={self.family!r}; expected one of {FAMILIES}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"GemmaConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-        if self.attention_impl not in attn.IMPLS:
-            raise ValueError(f"GemmaConfig.attention_impl={self.attention_impl!r}; expected one of {attn.IMPLS}")
+        self._check_numerics()
         if self.family == "t5gemma2" and self.encoder.hidden_size != self.decoder.hidden_size:
             raise ValueError("GemmaConfig: T5Gemma 2 needs encoder.hidden_size == decoder.hidden_size (one shared embedding)")
         for name in ("vocab_size", "attention_q_block", "attention_k_block"):
@@ -163,22 +158,11 @@ class GemmaConfig:
         """T5Gemma 2: one embedding for encoder, decoder (and the tied head); T5Gemma: one per stack."""
         return self.family == "t5gemma2"
 
-    def replace(self, **changes: Any) -> GemmaConfig:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for s in ("encoder", "decoder"):
             d[s]["layer_types"] = list(d[s]["layer_types"])
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GemmaConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GemmaConfig fields {unknown}; known fields: {sorted(names)}")
-        return cls(**d)
 
     def train_flops_per_token(self, inputs_length: int, targets_length: int) -> float:
         """Approximate training FLOPs per target token (6 x matmul params, plus attention scores)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Union, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,38 @@ REMAT_POLICIES = ("none", "full", "minimal")
 NEG_INF = -1e10
 
 
+ConfigT = TypeVar("ConfigT", bound="ConfigMethods")
+
+
+class ConfigMethods:
+    """What either family's config (T5Config, gemma.GemmaConfig) does alike: check its numerics, ``replace``,
+    ``from_dict``. Errors name the config class and field."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every subclass is a dataclass
+    remat_policy: str
+    attention_impl: str
+
+    def _check_numerics(self) -> None:
+        name = type(self).__name__
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"{name}.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in attn.IMPLS:
+            raise ValueError(f"{name}.attention_impl={self.attention_impl!r}; expected one of {attn.IMPLS}")
+
+    def replace(self: ConfigT, **changes: Any) -> ConfigT:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], d: dict[str, Any]) -> ConfigT:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(names)}")
+        return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ConfigMethods):
     """Architecture and numerics of a T5 model; field names follow Hugging Face's ``T5Config``."""
 
     family: ClassVar[str] = "t5"  # the model family (see build); not stored: old dss_config.json files have none
@@ -66,10 +96,7 @@ class T5Config:
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-        if self.attention_impl not in attn.IMPLS:
-            raise ValueError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {attn.IMPLS}")
+        self._check_numerics()
         for name in (
             "vocab_size",
             "d_model",
@@ -105,19 +132,8 @@ class T5Config:
         )
         return 6.0 * matmul + 6.0 * attn_scores
 
-    def replace(self, **changes: Any) -> T5Config:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> T5Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown T5Config fields {unknown}; known fields: {sorted(names)}")
-        return cls(**d)
 
 
 def _dtype(name: str) -> jnp.dtype:
