@@ -7,7 +7,7 @@ export DSS_DATA_DIR
 # CPU jobs: with libtpu installed (test extra, for dss-plan) jax would otherwise probe for a TPU first.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup quickstart test test-fast lint
+.PHONY: setup quickstart test test-fast lint typecheck
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,3 +39,12 @@ test-fast: setup lint
 lint: setup
 	$(BIN)/ruff check dss_jax tasks tests bench launch
 	$(BIN)/ruff format --check dss_jax tasks tests bench launch
+	$(MAKE) typecheck
+
+# mypy finds modules by folder, and setup.py installs tasks/ as dss_jax.tasks: it reads a tree of links that puts
+# tasks/ at dss_jax/tasks (errors name dss_jax/tasks/<file> for tasks/<file>). Settings: setup.cfg's [mypy].
+TYPECHECK := build/typecheck
+typecheck: setup
+	rm -rf $(TYPECHECK)/dss_jax && mkdir -p $(TYPECHECK)/dss_jax
+	ln -s $(abspath dss_jax)/* $(TYPECHECK)/dss_jax/ && ln -s $(abspath tasks) $(TYPECHECK)/dss_jax/tasks
+	cd $(TYPECHECK) && $(abspath $(BIN))/mypy --config-file $(abspath setup.cfg) --python-executable $(abspath $(BIN))/python -p dss_jax

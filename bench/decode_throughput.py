@@ -19,10 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from dss_jax import configs, decoding, model  # noqa: E402
+from dss_jax import configs, decoding, model
 
 
 def _hf_model_and_params(cfg):

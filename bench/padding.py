@@ -6,6 +6,7 @@ python bench/padding.py --benchmark cqa --task cqa_dss_gold --inputs_length 1024
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import numpy as np
@@ -30,7 +31,7 @@ def main() -> None:
     for pack in (False, True):
         ds = pipeline.get_dataset(task, "train", a.inputs_length, a.targets_length, a.batch, pack, True, 0, None)
         enc_pad = tgt_pad = enc_all = tgt_all = examples = 0
-        for b, _ in zip(ds.as_numpy_iterator(), range(a.batches)):
+        for b in itertools.islice(ds.as_numpy_iterator(), a.batches):
             enc_pad += int((b["encoder_input_tokens"] == 0).sum())
             tgt_pad += int((b["decoder_target_tokens"] == 0).sum())
             enc_all += b["encoder_input_tokens"].size

@@ -20,11 +20,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-from common import peak_flops, synthetic_batch  # noqa: E402
+import jax
+import optax
+from common import peak_flops, synthetic_batch
 
-from dss_jax import configs, losses, partitioning, trainer  # noqa: E402
+from dss_jax import configs, losses, partitioning, trainer
 
 
 def main() -> None:

@@ -25,7 +25,10 @@ This module imports neither TensorFlow nor seqio.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -202,26 +205,148 @@ def static_ranges(bias: Bias, lq: int, nq: int, bq: int, nk: int, bk: int) -> li
 SKIPS = ("auto", "rows", "batch", "none")
 
 
+def _positions(pos: Array | None, length: int) -> Array:
+    """[b or 1, length] positions; None: 0..length-1 in every row."""
+    pos = jnp.arange(length, dtype=jnp.int32)[None] if pos is None else pos
+    return jnp.broadcast_to(pos, (pos.shape[0], length))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    """The static layout of one blockwise call: the mask and logit settings, head grouping, block sizes."""
+
+    bias: Bias
+    scale: float
+    softcap: float | None
+    dropout_rate: float
+    hkv: int
+    g: int
+    d: int
+    bq: int
+    nq: int
+    bk: int
+    nk: int
+
+
+def _blocks(x: Array, n: int, size: int) -> Array:
+    """[b, n*size, ...] -> [n, b, size, ...]."""
+    return jnp.moveaxis(x.reshape((x.shape[0], n, size) + x.shape[2:]), 1, 0)
+
+
+def _dense(
+    q: Array, k: Array, v: Array, table: Array | None, bias: Bias, pos: tuple[Array, Array, Array, Array], grid: _Grid,
+    rng: Array | None, return_lse: bool,
+) -> Array | tuple[Array, Array]:  # fmt: skip
+    """One query block and one key block: plain dense attention with the same bias and mask."""
+    hkv, g = grid.hkv, grid.g
+    s = _scores(q, k, grid.scale, grid.softcap) + _grouped_bias(block_bias(table, bias, *pos), hkv, g)
+    p = _dropout(jax.nn.softmax(s, axis=-1), rng, grid.dropout_rate, jnp.int32(0))
+    if g == 1:
+        out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
+    else:
+        out = _ungroup(jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v), g)
+    return (out, _ungroup(jax.nn.logsumexp(s, axis=-1), g)) if return_lse else out
+
+
+def _online_step(
+    grid: _Grid, rng: Array | None, qi: Array, qb: Array, qpos: Array, qseg: Array, tab: Array | None, carry: tuple, xs: tuple
+) -> tuple:
+    """One key block of the online softmax: running max ``m``, denominator and unnormalized output."""
+    m, denom, acc = carry
+    kj, kblk, vblk, kpos, kseg = xs
+    s = _scores(qb, kblk, grid.scale, grid.softcap)
+    s = s + _grouped_bias(block_bias(tab, grid.bias, qpos, kpos, qseg, kseg), grid.hkv, grid.g)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    denom = denom * corr + jnp.sum(p, axis=-1)
+    p = _dropout(p, rng, grid.dropout_rate, qi * grid.nk + kj)
+    pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
+    return m_new, denom, acc * corr[..., None] + pv
+
+
+def _query_block(
+    grid: _Grid, rng: Array | None, qi: Array, qb: Array, qpos: Array, qseg: Array,
+    kj: Array, kb: Array, vb: Array, kposb: Array, ksegb: Array, vis: Array | None, tab: Array | None,
+) -> tuple[Array, Array]:  # fmt: skip
+    """One query block against its key blocks ``kj`` (``vis``: which to compute): [bb, bq, hq, d], [bb, bq, hq]."""
+    compute = functools.partial(_online_step, grid, rng, qi, qb, qpos, qseg, tab)
+
+    def step(carry: tuple, xs: tuple) -> tuple:
+        if vis is None:
+            return compute(carry, xs), None
+        # the skipped branch must not write the computed branch's residuals (zeros the size of the
+        # block's scores, each step): checkpointed, the block's residuals are only its inputs
+        return jax.lax.cond(xs[-1], jax.checkpoint(compute), lambda c, _: c, carry, xs[:-1]), None
+
+    bb, rows = qb.shape[0], grid.g * grid.bq
+    init = (
+        jnp.full((bb, grid.hkv, rows), -jnp.inf, jnp.float32),
+        jnp.zeros((bb, grid.hkv, rows), jnp.float32),
+        jnp.zeros((bb, grid.hkv, rows, grid.d), jnp.float32),
+    )
+    xs = (kj, kb, vb, kposb, ksegb) + (() if vis is None else (vis,))
+    (m, denom, acc), _ = jax.lax.scan(step, init, xs)
+    if vis is None:  # every row saw a key block, so denom > 0
+        out, lse = acc / denom[..., None], m + jnp.log(denom)
+    else:  # queries that saw nothing (padding) give 0 and a log-sum-exp of NEG_INF
+        seen = denom > 0
+        safe = jnp.where(seen, denom, 1.0)
+        out, lse = acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), NEG_INF)
+    out = jnp.moveaxis(out, 1, 2) if grid.g == 1 else _ungroup(out, grid.g)
+    return out, _ungroup(lse, grid.g)
+
+
+def _range_block(
+    block: Callable[..., tuple[Array, Array]], kv: tuple[Array, ...], visit: Array | None, table: Array | None,
+    nk: int, width: int, xs: tuple,
+) -> tuple[Array, Array]:  # fmt: skip
+    """One query block over the ``width`` key blocks from its range's first (``xs``: index, first, q blocks)."""
+    qi, lo, qb, qpos, qseg = xs
+    keys = (jnp.arange(nk),) + kv
+    vis = None if visit is None else visit[qi]
+    if width < nk:
+        keys = tuple(jax.lax.dynamic_slice_in_dim(x, lo, width) for x in keys)
+        vis = None if vis is None else jax.lax.dynamic_slice_in_dim(vis, lo, width)
+    return block(qi, qb, qpos, qseg, *keys, vis, table)
+
+
+def _run(
+    grid: _Grid, ranges: list[tuple[int, int]], table: Array | None, rng: Array | None,
+    q: Array, q_pos: Array, q_seg: Array, k: Array, v: Array, k_pos: Array, k_seg: Array, visit: Array | None,
+) -> tuple[Array, Array]:  # fmt: skip
+    """All query blocks of rows [bb, ...]; ``visit`` [nq, nk] says which block pairs to compute."""
+    bb, nq, nk, hq = q.shape[0], grid.nq, grid.nk, grid.hkv * grid.g
+    kv = tuple(_blocks(x, nk, grid.bk) for x in (k, v, k_pos, k_seg))
+    queries = tuple(_blocks(x, nq, grid.bq) for x in (q, q_pos, q_seg))
+    block = jax.checkpoint(functools.partial(_query_block, grid, rng))
+    outs: dict[int, tuple[Array, Array]] = {}
+    for width in sorted({hi - lo + 1 for lo, hi in ranges}):
+        idx = [i for i, (lo, hi) in enumerate(ranges) if hi - lo + 1 == width]
+        if width <= 0:  # no key block in range: nothing visible
+            empty = (jnp.zeros((bb, grid.bq, hq, grid.d), jnp.float32), jnp.full((bb, grid.bq, hq), NEG_INF, jnp.float32))
+            outs.update((i, empty) for i in idx)
+            continue
+        one = functools.partial(_range_block, block, kv, visit, table, nk, width)
+        los = jnp.asarray([ranges[i][0] for i in idx], jnp.int32)
+        if len(idx) == nq:  # every query block alike (the T5 case): map over them in order
+            res = jax.lax.map(one, (jnp.arange(nq), los) + queries)
+            break
+        take = jnp.asarray(idx, jnp.int32)
+        res = jax.lax.map(one, (take, los) + tuple(x[take] for x in queries))
+        outs.update((i, (res[0][n], res[1][n])) for n, i in enumerate(idx))
+    else:
+        res = (jnp.stack([outs[i][0] for i in range(nq)]), jnp.stack([outs[i][1] for i in range(nq)]))
+    out, lse = res
+    return jnp.moveaxis(out, 0, 1).reshape(bb, nq * grid.bq, hq, grid.d), jnp.moveaxis(lse, 0, 1).reshape(bb, nq * grid.bq, hq)
+
+
 def attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    table: Array | None,
-    bias: Bias,
-    q_pos: Array | None,
-    k_pos: Array | None,
-    q_seg: Array,
-    k_seg: Array,
-    *,
-    q_block: int = 512,
-    k_block: int = 512,
-    dropout_rng: Array | None = None,
-    dropout_rate: float = 0.0,
-    scale: float = 1.0,
-    softcap: float | None = None,
-    return_lse: bool = False,
-    skip: str = "auto",
-) -> Array | tuple[Array, Array]:
+    q: Array, k: Array, v: Array, table: Array | None, bias: Bias,
+    q_pos: Array | None, k_pos: Array | None, q_seg: Array, k_seg: Array, *,
+    q_block: int = 512, k_block: int = 512, dropout_rng: Array | None = None, dropout_rate: float = 0.0,
+    scale: float = 1.0, softcap: float | None = None, return_lse: bool = False, skip: str = "auto",
+) -> Array | tuple[Array, Array]:  # fmt: skip
     """softmax(softcap(scale * q k^T) + bias + mask) v, block by block, visiting only blocks a query can see.
 
     q [b, lq, hq, d]; k, v [b, lk, hkv, d] with hq a multiple of hkv (query head i reads kv head i // (hq/hkv)).
@@ -248,20 +373,11 @@ def attention(
     q = q.reshape(b, lq, hkv, g, d)
     bq, bk = min(q_block, lq), min(k_block, lk)
     nq, nk = -(-lq // bq), -(-lk // bk)
+    grid = _Grid(bias, scale, softcap, dropout_rate, hkv, g, d, bq, nq, bk, nk)
     aranged = q_pos is None and k_pos is None
-    q_pos = jnp.arange(lq, dtype=jnp.int32)[None] if q_pos is None else q_pos
-    k_pos = jnp.arange(lk, dtype=jnp.int32)[None] if k_pos is None else k_pos
-    q_pos = jnp.broadcast_to(q_pos, (q_pos.shape[0], lq))
-    k_pos = jnp.broadcast_to(k_pos, (k_pos.shape[0], lk))
-
-    if nq == 1 and nk == 1:  # one block: dense attention with the same bias and mask
-        s = _scores(q, k, scale, softcap) + _grouped_bias(block_bias(table, bias, q_pos, k_pos, q_seg, k_seg), hkv, g)
-        p = _dropout(jax.nn.softmax(s, axis=-1), dropout_rng, dropout_rate, jnp.int32(0))
-        if g == 1:
-            out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
-        else:
-            out = _ungroup(jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v), g)
-        return (out, _ungroup(jax.nn.logsumexp(s, axis=-1), g)) if return_lse else out
+    q_pos, k_pos = _positions(q_pos, lq), _positions(k_pos, lk)
+    if nq == 1 and nk == 1:
+        return _dense(q, k, v, table, bias, (q_pos, k_pos, q_seg, k_seg), grid, dropout_rng, return_lse)
 
     # pad to whole blocks: padded keys get segment 0 (never visible), padded queries are sliced off
     q, q_pos, q_seg = _pad(q, 1, nq * bq), _pad(q_pos, 1, nq * bq), _pad(q_seg, 1, nq * bq)
@@ -270,100 +386,21 @@ def attention(
     if skip == "auto":
         skip = "rows" if nq > 1 else "batch"
     pairs = None if skip == "none" else block_pairs(bias, q_pos, k_pos, q_seg, k_seg, bq, bk)  # [b, nq, nk]
-
-    def blocks(x: Array, n: int, size: int) -> Array:  # [b, n*size, ...] -> [n, b, size, ...]
-        return jnp.moveaxis(x.reshape((x.shape[0], n, size) + x.shape[2:]), 1, 0)
-
-    def run(rng: Array | None, q, q_pos, q_seg, k, v, k_pos, k_seg, visit: Array | None) -> tuple[Array, Array]:
-        """All query blocks of rows [bb, ...]; ``visit`` [nq, nk] says which block pairs to compute."""
-        bb = q.shape[0]
-        kb, vb = blocks(k, nk, bk), blocks(v, nk, bk)
-        kposb, ksegb = blocks(k_pos, nk, bk), blocks(k_seg, nk, bk)
-        qb, qposb, qsegb = blocks(q, nq, bq), blocks(q_pos, nq, bq), blocks(q_seg, nq, bq)
-
-        @jax.checkpoint
-        def one_query_block(qi, qb, qpos, qseg, kj, kb, vb, kposb, ksegb, vis, tab) -> tuple[Array, Array]:
-            def compute(carry: tuple, xs: tuple) -> tuple:
-                m, denom, acc = carry
-                kj, kblk, vblk, kpos, kseg = xs
-                s = _scores(qb, kblk, scale, softcap)
-                s = s + _grouped_bias(block_bias(tab, bias, qpos, kpos, qseg, kseg), hkv, g)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                p = jnp.exp(s - m_new[..., None])
-                corr = jnp.exp(m - m_new)
-                denom = denom * corr + jnp.sum(p, axis=-1)
-                p = _dropout(p, rng, dropout_rate, qi * nk + kj)
-                pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
-                return m_new, denom, acc * corr[..., None] + pv
-
-            def step(carry: tuple, xs: tuple) -> tuple:
-                if vis is None:
-                    return compute(carry, xs), None
-                # the skipped branch must not write the computed branch's residuals (zeros the size of the
-                # block's scores, each step): checkpointed, the block's residuals are only its inputs
-                return jax.lax.cond(xs[-1], jax.checkpoint(compute), lambda c, _: c, carry, xs[:-1]), None
-
-            init = (
-                jnp.full((bb, hkv, g * bq), -jnp.inf, jnp.float32),
-                jnp.zeros((bb, hkv, g * bq), jnp.float32),
-                jnp.zeros((bb, hkv, g * bq, d), jnp.float32),
-            )
-            xs = (kj, kb, vb, kposb, ksegb) + (() if vis is None else (vis,))
-            (m, denom, acc), _ = jax.lax.scan(step, init, xs)
-            if vis is None:  # every row saw a key block, so denom > 0
-                out, lse = acc / denom[..., None], m + jnp.log(denom)
-            else:  # queries that saw nothing (padding) give 0 and a log-sum-exp of NEG_INF
-                seen = denom > 0
-                safe = jnp.where(seen, denom, 1.0)
-                out, lse = acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), NEG_INF)
-            out = jnp.moveaxis(out, 1, 2) if g == 1 else _ungroup(out, g)
-            return out, _ungroup(lse, g)  # [bb, bq, hq, d], [bb, bq, hq]
-
-        outs: list = [None] * nq
-        widths = sorted({hi - lo + 1 for lo, hi in ranges})
-        for width in widths:
-            idx = [i for i, (lo, hi) in enumerate(ranges) if hi - lo + 1 == width]
-            if width <= 0:  # no key block in range: nothing visible
-                empty = (jnp.zeros((bb, bq, hq, d), jnp.float32), jnp.full((bb, bq, hq), NEG_INF, jnp.float32))
-                outs = [empty if i in idx else o for i, o in enumerate(outs)]
-                continue
-
-            def one(xs: tuple, width: int = width) -> tuple[Array, Array]:
-                qi, lo, qb, qpos, qseg = xs
-                keys = (jnp.arange(nk), kb, vb, kposb, ksegb)
-                vis = None if visit is None else visit[qi]
-                if width < nk:
-                    keys = tuple(jax.lax.dynamic_slice_in_dim(x, lo, width) for x in keys)
-                    vis = None if vis is None else jax.lax.dynamic_slice_in_dim(vis, lo, width)
-                return one_query_block(qi, qb, qpos, qseg, *keys, vis, table)
-
-            los = jnp.asarray([ranges[i][0] for i in idx], jnp.int32)
-            if len(idx) == nq:  # every query block alike (the T5 case): map over them in order
-                res = jax.lax.map(one, (jnp.arange(nq), los, qb, qposb, qsegb))
-                break
-            take = jnp.asarray(idx, jnp.int32)
-            res = jax.lax.map(one, (take, los, qb[take], qposb[take], qsegb[take]))
-            for n, i in enumerate(idx):
-                outs[i] = (res[0][n], res[1][n])
-        else:
-            res = (jnp.stack([o for o, _ in outs]), jnp.stack([x for _, x in outs]))
-        out, lse = res
-        out = jnp.moveaxis(out, 0, 1).reshape(bb, nq * bq, hq, d)
-        return out, jnp.moveaxis(lse, 0, 1).reshape(bb, nq * bq, hq)
-
     if skip == "rows":
         pos_q, pos_k = jnp.broadcast_to(q_pos, (b, nq * bq)), jnp.broadcast_to(k_pos, (b, nk * bk))
 
         def row(xs: tuple) -> tuple[Array, Array]:
-            r, *rest, visit = xs
+            r, rq, rqp, rqs, rk, rv, rkp, rks, visit = xs
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, r)
-            out, lse = run(rng, *(x[None] for x in rest), visit)
+            out, lse = _run(
+                grid, ranges, table, rng, rq[None], rqp[None], rqs[None], rk[None], rv[None], rkp[None], rks[None], visit
+            )
             return out[0], lse[0]
 
         out, lse = jax.lax.map(row, (jnp.arange(b), q, pos_q, q_seg, k, v, pos_k, k_seg, pairs))
     else:
         visit = None if pairs is None else jnp.any(pairs, axis=0)
-        out, lse = run(dropout_rng, q, q_pos, q_seg, k, v, k_pos, k_seg, visit)
+        out, lse = _run(grid, ranges, table, dropout_rng, q, q_pos, q_seg, k, v, k_pos, k_seg, visit)
     out = out[:, :lq].astype(v.dtype)
     return (out, lse[:, :lq]) if return_lse else out
 
@@ -375,25 +412,15 @@ def merge(parts: list[tuple[Array, Array]]) -> tuple[Array, Array]:
     gives exactly the attention over all keys, each key set with its own mask.
     """
     lse = jax.nn.logsumexp(jnp.stack([part_lse for _, part_lse in parts]), axis=0)
-    out = sum(o.astype(jnp.float32) * jnp.exp(part_lse - lse)[..., None] for o, part_lse in parts)
+    out = cast(Array, sum(o.astype(jnp.float32) * jnp.exp(part_lse - lse)[..., None] for o, part_lse in parts))
     return out.astype(parts[0][0].dtype), lse
 
 
 def cudnn_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    table: Array | None,
-    bias: Bias,
-    q_pos: Array | None,
-    k_pos: Array | None,
-    q_seg: Array,
-    k_seg: Array,
-    *,
-    scale: float = 1.0,
-    softcap: float | None = None,
-    return_lse: bool = False,
-) -> Array:
+    q: Array, k: Array, v: Array, table: Array | None, bias: Bias,
+    q_pos: Array | None, k_pos: Array | None, q_seg: Array, k_seg: Array, *,
+    scale: float = 1.0, softcap: float | None = None, return_lse: bool = False,
+) -> Array:  # fmt: skip
     """cuDNN fused attention (NVIDIA GPUs, bf16/fp16) with the bias and masks passed as one 4-D tensor.
 
     Grouped-query heads go to cuDNN as they are; causal and window masks are part of the materialized bias.
@@ -404,9 +431,7 @@ def cudnn_attention(
     if return_lse:
         raise ValueError("attention_impl='cudnn' returns no log-sum-exp (merged attention); use attention_impl='blockwise'")
     lq, lk = q.shape[1], k.shape[1]
-    q_pos = jnp.arange(lq, dtype=jnp.int32)[None] if q_pos is None else jnp.broadcast_to(q_pos, (q_pos.shape[0], lq))
-    k_pos = jnp.arange(lk, dtype=jnp.int32)[None] if k_pos is None else jnp.broadcast_to(k_pos, (k_pos.shape[0], lk))
-    full = block_bias(table, bias, q_pos, k_pos, q_seg, k_seg)
+    full = block_bias(table, bias, _positions(q_pos, lq), _positions(k_pos, lk), q_seg, k_seg)
     return jax.nn.dot_product_attention(q, k, v, bias=full.astype(q.dtype), scale=scale, implementation="cudnn")
 
 

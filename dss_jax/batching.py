@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -118,6 +119,7 @@ class Repacker:
                 cost = n * (e + t) * (1 + (e + t) / 1024)
                 if best is None or cost < best[0]:
                     best = (cost, Shape(n, e, t), rows)
+        assert best is not None  # the loops above try at least one shape
         return best[1], best[2]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -192,10 +194,18 @@ class Repacker:
         }
 
 
+class SavableIterator(Protocol):
+    """A batch iterator whose position can be saved and restored (a tf.data iterator's checkpoint files)."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def save(self, path: str) -> None: ...
+    def restore(self, path: str) -> None: ...
+
+
 class RepackingIterator:
     """Wraps a batch iterator (keeping its save/restore) and repacks every batch it yields."""
 
-    def __init__(self, it: Iterator[dict[str, np.ndarray]], repacker: Repacker):
+    def __init__(self, it: SavableIterator, repacker: Repacker):
         self.it, self.repacker = it, repacker
 
     def __iter__(self) -> RepackingIterator:

@@ -110,7 +110,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
     out = []
     for key, members in groups.items():
-        agg: dict[str, Any] = dict(zip(SETTING, key))
+        agg: dict[str, Any] = dict(zip(SETTING, key, strict=True))
         agg["seeds"] = ",".join(str(m.get("seed")) for m in members)
         for metric in ("validation_accuracy", "test_accuracy"):
             vals = [float(m[metric]) for m in members if m.get(metric) is not None]
@@ -154,7 +154,7 @@ def plot(rows: list[dict[str, Any]], out: Path, metric: str = "test_accuracy") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[Path] = []
     rows = [r for r in rows if r.get(metric) is not None or r.get("validation_accuracy") is not None]
     if not rows:
         return made
@@ -179,8 +179,8 @@ def plot(rows: list[dict[str, Any]], out: Path, metric: str = "test_accuracy") -
 
 
 def _line_plot(
-    plt, groups: dict[str, list], xlabel: str, ylabel: str, title: str | None, path: Path, log_x: bool = False
-) -> Path:  # noqa: ANN001
+    plt: Any, groups: dict[str, list], xlabel: str, ylabel: str, title: str | None, path: Path, log_x: bool = False
+) -> Path:
     """One line per group of (x, y) points, written to ``path``."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in sorted(groups.items()):

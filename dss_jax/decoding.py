@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,32 @@ def _init_cache(model: nn.Module, params: Any, encoded: Array, enc_seg: Array, b
         mutable=["cache"],
     )
     return variables["cache"]
+
+
+def _encode(model: nn.Module, params: Any, encoder_input_tokens: Array) -> tuple[Array, Array]:
+    """(the encoder's output, its segment ids): each input is encoded once, before the loop."""
+    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
+    return cast(Array, model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")), enc_seg
+
+
+def _step(
+    model: nn.Module, params: Any, cache: Any, encoded: Array, enc_seg: Array, cur: Array, i: Array, max_decode_length: int
+) -> tuple[Array, Any]:
+    """One cached decoder step for the tokens ``cur`` (one per row) at position ``i``: logits [rows, vocab]
+    and the updated cache."""
+    logits, variables = model.apply(
+        {"params": params, "cache": cache},
+        encoded,
+        enc_seg,
+        cur.reshape(-1, 1),
+        None,
+        jnp.full((cur.size, 1), i, jnp.int32),
+        decode=True,
+        max_decode_length=max_decode_length,
+        method="decode",
+        mutable=["cache"],
+    )
+    return logits[:, 0], variables["cache"]
 
 
 def _split_cross(cache: Any) -> tuple[dict, dict]:
@@ -84,8 +110,7 @@ def decode(
     """Decodes [batch, max_decode_length] tokens: the EOS token is kept, positions after it are 0 (pad)."""
     model = build(config)
     batch = encoder_input_tokens.shape[0]
-    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")
+    encoded, enc_seg = _encode(model, params, encoder_input_tokens)
     cross, cache = _split_cross(_init_cache(model, params, encoded, enc_seg, batch, max_decode_length))
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
@@ -95,19 +120,7 @@ def decode(
 
     def body(state: tuple) -> tuple:
         i, cache, tokens, cur, done, rng = state
-        logits, variables = model.apply(
-            {"params": params, "cache": _join(cross, cache)},
-            encoded,
-            enc_seg,
-            cur[:, None],
-            None,
-            jnp.full((batch, 1), i, jnp.int32),
-            decode=True,
-            max_decode_length=max_decode_length,
-            method="decode",
-            mutable=["cache"],
-        )
-        logits = logits[:, 0]
+        logits, new_cache = _step(model, params, _join(cross, cache), encoded, enc_seg, cur, i, max_decode_length)
         if sample:
             rng, step_rng = jax.random.split(rng)
             nxt = jax.random.categorical(step_rng, _filter_logits(logits, temperature, top_k, top_p), axis=-1)
@@ -116,7 +129,7 @@ def decode(
         nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
         tokens = tokens.at[:, i].set(nxt)
         done = done | (nxt == config.eos_token_id)
-        return i + 1, _split_cross(variables["cache"])[1], tokens, nxt, done, rng
+        return i + 1, _split_cross(new_cache)[1], tokens, nxt, done, rng
 
     tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
     start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)
@@ -142,8 +155,7 @@ def decode_rows(
     beside it. Row r stops at its EOS or after ``max_tokens[r]`` tokens; positions after that are 0 (pad)."""
     model = build(config)
     batch = encoder_input_tokens.shape[0]
-    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")
+    encoded, enc_seg = _encode(model, params, encoder_input_tokens)
     cross, cache = _split_cross(_init_cache(model, params, encoded, enc_seg, batch, max_decode_length))
     keys = jax.vmap(jax.random.PRNGKey)(seeds.astype(jnp.uint32))
     temperature = temperature.astype(jnp.float32)
@@ -155,19 +167,8 @@ def decode_rows(
 
     def body(state: tuple) -> tuple:
         i, cache, tokens, cur, done = state
-        logits, variables = model.apply(
-            {"params": params, "cache": _join(cross, cache)},
-            encoded,
-            enc_seg,
-            cur[:, None],
-            None,
-            jnp.full((batch, 1), i, jnp.int32),
-            decode=True,
-            max_decode_length=max_decode_length,
-            method="decode",
-            mutable=["cache"],
-        )
-        logits = logits[:, 0].astype(jnp.float32)
+        logits, new_cache = _step(model, params, _join(cross, cache), encoded, enc_seg, cur, i, max_decode_length)
+        logits = logits.astype(jnp.float32)
         filtered = _filter_logits(logits, jnp.where(sampled, temperature, 1.0), top_k, top_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
         drawn = jax.vmap(jax.random.categorical)(step_keys, filtered)
@@ -175,7 +176,7 @@ def decode_rows(
         nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
         tokens = tokens.at[:, i].set(nxt)
         done = done | (nxt == config.eos_token_id) | (i + 1 >= max_tokens)
-        return i + 1, _split_cross(variables["cache"])[1], tokens, nxt, done
+        return i + 1, _split_cross(new_cache)[1], tokens, nxt, done
 
     tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
     start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)
@@ -227,8 +228,7 @@ def beam_search(
     """
     model = build(config)
     batch, k, vocab = encoder_input_tokens.shape[0], num_beams, config.vocab_size
-    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")  # once per input
+    encoded, enc_seg = _encode(model, params, encoder_input_tokens)  # once per input, shared by its beams
     encoded, enc_seg = jnp.repeat(encoded, k, axis=0), jnp.repeat(enc_seg, k, axis=0)
     cache = _init_cache(model, params, encoded, enc_seg, batch * k, max_decode_length)
     cache_axis = 1 if config.scan_layers else 0
@@ -242,19 +242,8 @@ def beam_search(
 
     def body(s: tuple) -> tuple:
         i, cache, alive_seq, alive_lp, fin_seq, fin_scores, cur = s
-        logits, variables = model.apply(
-            {"params": params, "cache": cache},
-            encoded,
-            enc_seg,
-            cur.reshape(-1, 1),
-            None,
-            jnp.full((batch * k, 1), i, jnp.int32),
-            decode=True,
-            max_decode_length=max_decode_length,
-            method="decode",
-            mutable=["cache"],
-        )
-        logp = jax.nn.log_softmax(logits[:, 0]).reshape(batch, k, vocab)
+        logits, new_cache = _step(model, params, cache, encoded, enc_seg, cur, i, max_decode_length)
+        logp = jax.nn.log_softmax(logits).reshape(batch, k, vocab)
         cand = (alive_lp[:, :, None] + logp).reshape(batch, k * vocab)
         top_lp, top_idx = jax.lax.top_k(cand, 2 * k)
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
@@ -274,7 +263,7 @@ def beam_search(
         all_seqs = jnp.concatenate([fin_seq, seqs], axis=1)
         fin_scores, fin_pos = jax.lax.top_k(all_scores, k)
         fin_seq = jnp.take_along_axis(all_seqs, fin_pos[:, :, None], axis=1)
-        cache = _gather_beams(variables["cache"], new_parent, batch, k, cache_axis)
+        cache = _gather_beams(new_cache, new_parent, batch, k, cache_axis)
         return i + 1, cache, new_alive_seq, live_lp, fin_seq, fin_scores, new_cur
 
     alive_lp = jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), (batch, 1))
@@ -299,7 +288,9 @@ def beam_search(
 def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, config: ModelConfig) -> Array:
     """Teacher-forced log probability of each row of ``tokens`` (through its EOS), for tests and rescoring."""
     model = build(config)
-    logits = model.apply({"params": params}, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
+    logits = cast(
+        Array, model.apply({"params": params}, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
+    )
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
     after_eos = jnp.cumsum(tokens == config.eos_token_id, axis=1) - (tokens == config.eos_token_id)
     return jnp.sum(jnp.where(after_eos > 0, 0.0, lp), axis=1)
@@ -313,16 +304,18 @@ def choice_log_probs(params: Any, encoder_input_tokens: Array, choice_tokens: Ar
     and its encoding shared by its choices."""
     model = build(config)
     b, c, t = choice_tokens.shape
-    enc_seg = (encoder_input_tokens != 0).astype(jnp.int32)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enc_seg, method="encode")
+    encoded, enc_seg = _encode(model, params, encoder_input_tokens)
     encoded = jnp.repeat(encoded, c, axis=0)
     targets = choice_tokens.reshape(b * c, t)
-    logits = model.apply(
-        {"params": params},
-        encoded,
-        jnp.repeat(enc_seg, c, axis=0),
-        shift_right(targets, config.decoder_start_token_id),
-        method="decode",
+    logits = cast(
+        Array,
+        model.apply(
+            {"params": params},
+            encoded,
+            jnp.repeat(enc_seg, c, axis=0),
+            shift_right(targets, config.decoder_start_token_id),
+            method="decode",
+        ),
     )
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], axis=-1)[..., 0]
     scores = jnp.sum(jnp.where(targets > 0, lp, 0.0), axis=1).reshape(b, c)

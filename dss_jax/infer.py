@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=len(items), desc="infer", unit="ex", disable=args.no_progress, file=sys.stderr)
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]
-        for (lineno, x), r in zip(chunk, pred.predict([x for _, x in chunk], args.rationales)):
+        for (lineno, x), r in zip(chunk, pred.predict([x for _, x in chunk], args.rationales), strict=True):
             text = x if isinstance(x, str) else list(x)
             out.write(json.dumps({"line": lineno, "input": text, **r}, ensure_ascii=False) + "\n")
         bar.update(len(chunk))

@@ -76,7 +76,7 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     keys = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in paths_leaves]
     sums = np.asarray(jax.device_get(_tree_checksums([leaf for _, leaf in paths_leaves])))
-    return {k: f"{int(a):08x}-{int(b):08x}" for k, (a, b) in zip(keys, sums)}
+    return {k: f"{int(a):08x}-{int(b):08x}" for k, (a, b) in zip(keys, sums, strict=True)}
 
 
 def checksum_record(tree: Any) -> dict[str, Any]:

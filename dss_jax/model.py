@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,38 @@ REMAT_POLICIES = ("none", "full", "minimal")
 NEG_INF = -1e10
 
 
+ConfigT = TypeVar("ConfigT", bound="ConfigMethods")
+
+
+class ConfigMethods:
+    """What either family's config (T5Config, gemma.GemmaConfig) does alike: check its numerics, ``replace``,
+    ``from_dict``. Errors name the config class and field."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every subclass is a dataclass
+    remat_policy: str
+    attention_impl: str
+
+    def _check_numerics(self) -> None:
+        name = type(self).__name__
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"{name}.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in attn.IMPLS:
+            raise ValueError(f"{name}.attention_impl={self.attention_impl!r}; expected one of {attn.IMPLS}")
+
+    def replace(self: ConfigT, **changes: Any) -> ConfigT:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], d: dict[str, Any]) -> ConfigT:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(names)}")
+        return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ConfigMethods):
     """Architecture and numerics of a T5 model; field names follow Hugging Face's ``T5Config``."""
 
     family: ClassVar[str] = "t5"  # the model family (see build); not stored: old dss_config.json files have none
@@ -65,10 +96,7 @@ class T5Config:
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-        if self.attention_impl not in attn.IMPLS:
-            raise ValueError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {attn.IMPLS}")
+        self._check_numerics()
         for name in (
             "vocab_size",
             "d_model",
@@ -104,23 +132,20 @@ class T5Config:
         )
         return 6.0 * matmul + 6.0 * attn_scores
 
-    def replace(self, **changes: Any) -> T5Config:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> T5Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown T5Config fields {unknown}; known fields: {sorted(names)}")
-        return cls(**d)
 
 
 def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
+
+
+def named_param(
+    mdl: nn.Module, name: str, init: Callable[..., Array], axes: tuple[str, ...], shape: tuple[int, ...], dtype: Any
+) -> Array:
+    """A parameter whose axes carry logical names (``dss_jax.partitioning`` maps them onto the mesh). The model
+    reads the plain array: flax unboxes it, though ``Module.param`` types it as the box."""
+    return cast(Array, mdl.param(name, nn.with_logical_partitioning(init, axes), shape, dtype))
 
 
 class RMSNorm(nn.Module):
@@ -132,9 +157,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
-        )
+        scale = named_param(self, "scale", nn.initializers.ones, ("embed",), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
@@ -152,12 +175,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(init, self.kernel_axes),
-            (x.shape[-1], self.features),
-            self.param_dtype,
-        )
+        kernel = named_param(self, "kernel", init, self.kernel_axes, (x.shape[-1], self.features), self.param_dtype)
         return jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -173,12 +191,79 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param(
-            "rel_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
-            (self.num_heads, self.num_buckets),
-            self.param_dtype,
+        init = nn.initializers.normal(1.0)
+        return named_param(
+            self, "rel_embedding", init, ("heads", "relpos_buckets"), (self.num_heads, self.num_buckets), self.param_dtype
         )
+
+
+def cached_cross_kv(mdl: nn.Module, decode: bool, project: Callable[[], tuple[Array, Array]]) -> tuple[Array, Array]:
+    """The encoder's keys and values from ``project``; when decoding, projected once, on the call that creates
+    the cache, and read from it at every later step (no projection).
+
+    Stored [batch, heads, length, kv], the layout the per-head dots read, so no step re-lays them out.
+    """
+    if decode and mdl.has_variable("cache", "cross_key"):
+        return jnp.swapaxes(mdl.get_variable("cache", "cross_key"), 1, 2), jnp.swapaxes(
+            mdl.get_variable("cache", "cross_value"), 1, 2
+        )
+    k, v = project()
+    if decode:
+        mdl.put_variable("cache", "cross_key", jnp.swapaxes(k, 1, 2))
+        mdl.put_variable("cache", "cross_value", jnp.swapaxes(v, 1, 2))
+    return k, v
+
+
+def cached_self_kv(mdl: nn.Module, k: Array, v: Array, q_len: int, max_decode_length: int | None) -> tuple[Array, Array]:
+    """Decoder self-attention's keys and values when decoding: the call that creates the cache
+    (``max_decode_length`` slots) returns its own; each later step writes its one token's at the cache index
+    and returns the whole cache."""
+    is_initialized = mdl.has_variable("cache", "cached_key")
+    shape = (k.shape[0], max_decode_length or k.shape[1]) + k.shape[2:]
+    cached_key = mdl.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_value = mdl.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+    cache_index = mdl.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    if is_initialized:
+        if q_len != 1:
+            raise ValueError(f"decode step expects one token per row, got length {q_len}")
+        i = cache_index.value
+        zero = jnp.array(0, dtype=jnp.int32)
+        k = jax.lax.dynamic_update_slice(cached_key.value, k, (zero, i, zero, zero))
+        v = jax.lax.dynamic_update_slice(cached_value.value, v, (zero, i, zero, zero))
+        cached_key.value, cached_value.value = k, v
+        cache_index.value = i + 1
+    return k, v
+
+
+def decoder_masks(
+    mdl: nn.Module,
+    encoded: Array,
+    encoder_segment_ids: Array,
+    decoder_input_tokens: Array,
+    decoder_segment_ids: Array | None,
+    decoder_positions: Array | None,
+    decode: bool,
+    max_decode_length: int | None,
+) -> tuple[Array, tuple[Array, Array, Array, Array], tuple[Array, Array, Array, Array]]:
+    """A decoder's query positions and its self- and cross-attention (q_pos, k_pos, q_seg, k_seg).
+
+    A decode step after the cache's creation (its ``decode_marker``) has one token per row at
+    ``decoder_positions`` and sees the whole cache of ``max_decode_length`` positions.
+    """
+    batch, length = decoder_input_tokens.shape
+    if decode and mdl.has_variable("cache", "decode_marker"):
+        assert max_decode_length is not None and decoder_positions is not None
+        q_pos, dec_seg = decoder_positions, jnp.ones((batch, 1), jnp.int32)
+        k_pos = jnp.arange(max_decode_length, dtype=jnp.int32)[None]
+        self_pos = (q_pos, k_pos, dec_seg, jnp.ones((batch, max_decode_length), jnp.int32))
+    else:
+        if decode:
+            mdl.variable("cache", "decode_marker", lambda: jnp.zeros((), jnp.int32))
+        q_pos = jnp.arange(length, dtype=jnp.int32)[None]
+        dec_seg = decoder_segment_ids if decoder_segment_ids is not None else jnp.ones((batch, length), jnp.int32)
+        self_pos = (q_pos, q_pos, dec_seg, dec_seg)
+    enc_pos = jnp.zeros((1, encoded.shape[1]), jnp.int32)  # cross-attention has no position bias
+    return q_pos, self_pos, (q_pos, enc_pos, dec_seg, encoder_segment_ids)
 
 
 class Attention(nn.Module):
@@ -221,39 +306,19 @@ class Attention(nn.Module):
             return split(k), split(v)
 
         q = split(dense(inner, ("embed", "joined_kv"), init_scale=1.0 / cfg.d_kv, name="query")(inputs_q))
-        if decode and self.cross:
-            # stored [batch, heads, length, kv], the layout the per-head dots read, so no step re-lays them out
-            if self.has_variable("cache", "cross_key"):  # every step after the first: no projection
-                k = jnp.swapaxes(self.get_variable("cache", "cross_key"), 1, 2)
-                v = jnp.swapaxes(self.get_variable("cache", "cross_value"), 1, 2)
-            else:
-                k, v = project_kv()
-                self.put_variable("cache", "cross_key", jnp.swapaxes(k, 1, 2))
-                self.put_variable("cache", "cross_value", jnp.swapaxes(v, 1, 2))
+        if self.cross:
+            k, v = cached_cross_kv(self, decode, project_kv)
         else:
             k, v = project_kv()
-        if decode and not self.cross:
-            is_initialized = self.has_variable("cache", "cached_key")
-            shape = (k.shape[0], self.max_decode_length or k.shape[1]) + k.shape[2:]
-            cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
-            cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
-            cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-            if is_initialized:
-                if q.shape[1] != 1:
-                    raise ValueError(f"decode step expects one token per row, got length {q.shape[1]}")
-                i = cache_index.value
-                zero = jnp.array(0, dtype=jnp.int32)
-                k = jax.lax.dynamic_update_slice(cached_key.value, k, (zero, i, zero, zero))
-                v = jax.lax.dynamic_update_slice(cached_value.value, v, (zero, i, zero, zero))
-                cached_key.value, cached_value.value = k, v
-                cache_index.value = i + 1
+            if decode:
+                k, v = cached_self_kv(self, k, v, q.shape[1], self.max_decode_length)
 
         rng = self.make_rng("dropout") if (not deterministic and cfg.dropout_rate > 0) else None
         impl = attn.resolve_impl(cfg.attention_impl, cfg.dtype)
         if impl == "cudnn" and rng is None:
             out = attn.cudnn_attention(q, k, v, table, self.bias, *pos)
         else:
-            out = attn.attention(
+            out = attn.attention(  # type: ignore[assignment]  # Array: no return_lse
                 q,
                 k,
                 v,
@@ -350,7 +415,7 @@ def _remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
     return nn.remat(layer_cls, policy=jax_policy, prevent_cse=True)
 
 
-def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int, carry: Array, args: tuple, **flags: bool) -> Array:
+def _stack(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int, carry: Array, args: tuple, **flags: Any) -> Array:
     """Runs ``num_layers`` layers, as ``layers_<i>`` modules or (scan_layers) one scanned ``layers`` module.
 
     ``flags`` (deterministic, decode) are module attributes, so remat and scan see only arrays.
@@ -417,27 +482,19 @@ class Decoder(nn.Module):
         its position; keys cover the whole cache of ``max_decode_length`` positions.
         """
         cfg = self.config
-        batch, length = decoder_input_tokens.shape
         table = RelativePositionBias(
             cfg.relative_attention_num_buckets, cfg.num_heads, _dtype(cfg.param_dtype), name="relpos_bias"
         )()
-        if decode and self.has_variable("cache", "decode_marker"):
-            assert max_decode_length is not None and decoder_positions is not None
-            q_pos, dec_seg = decoder_positions, jnp.ones((batch, 1), jnp.int32)
-            self_pos = (
-                q_pos,
-                jnp.arange(max_decode_length, dtype=jnp.int32)[None],
-                dec_seg,
-                jnp.ones((batch, max_decode_length), jnp.int32),
-            )
-        else:
-            if decode:
-                self.variable("cache", "decode_marker", lambda: jnp.zeros((), jnp.int32))
-            q_pos = jnp.arange(length, dtype=jnp.int32)[None]
-            dec_seg = decoder_segment_ids if decoder_segment_ids is not None else jnp.ones((batch, length), jnp.int32)
-            self_pos = (q_pos, q_pos, dec_seg, dec_seg)
-        enc_pos = jnp.zeros((1, encoded.shape[1]), jnp.int32)  # cross-attention has no position bias
-        cross_pos = (q_pos, enc_pos, dec_seg, encoder_segment_ids)
+        _, self_pos, cross_pos = decoder_masks(
+            self,
+            encoded,
+            encoder_segment_ids,
+            decoder_input_tokens,
+            decoder_segment_ids,
+            decoder_positions,
+            decode,
+            max_decode_length,
+        )
 
         x = self.embedder(decoder_input_tokens).astype(_dtype(cfg.dtype))
         x = _constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
@@ -476,11 +533,9 @@ class Embed(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-            (self.num_embeddings, self.features),
-            self.param_dtype,
+        init = nn.initializers.normal(1.0)
+        self.embedding = named_param(
+            self, "embedding", init, ("vocab", "embed"), (self.num_embeddings, self.features), self.param_dtype
         )
 
     def __call__(self, tokens: Array) -> Array:
@@ -490,16 +545,16 @@ class Embed(nn.Module):
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
-class T5(nn.Module):
-    """T5 encoder-decoder. ``__call__`` is teacher-forced; ``encode``/``decode`` serve autoregressive decoding."""
+class EncoderDecoder(nn.Module):
+    """``encode``, ``decode`` and the teacher-forced ``__call__`` over the encoder and decoder that a subclass's
+    ``stacks`` makes (T5 here, ``gemma.T5Gemma``)."""
 
-    config: T5Config
+    def stacks(self) -> tuple[nn.Module, nn.Module]:
+        """(encoder, decoder), made once in ``setup``."""
+        raise NotImplementedError
 
     def setup(self) -> None:
-        cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
-        self.encoder = Encoder(cfg, self.token_embedder)
-        self.decoder = Decoder(cfg, self.token_embedder)
+        self.encoder, self.decoder = self.stacks()
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None, deterministic: bool = True) -> Array:
         return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic)
@@ -515,6 +570,7 @@ class T5(nn.Module):
         decode: bool = False,
         max_decode_length: int | None = None,
     ) -> Array:
+        """Logits [batch, length, vocab] in float32; see ``Decoder.__call__``."""
         return self.decoder(
             encoded,
             encoder_segment_ids,
@@ -540,13 +596,24 @@ class T5(nn.Module):
         return self.decode(encoded, enc_seg, decoder_input_tokens, decoder_segment_ids, None, deterministic)
 
 
+class T5(EncoderDecoder):
+    """T5 encoder-decoder. ``__call__`` is teacher-forced; ``encode``/``decode`` serve autoregressive decoding."""
+
+    config: T5Config
+
+    def stacks(self) -> tuple[nn.Module, nn.Module]:
+        cfg = self.config
+        self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
+        return Encoder(cfg, self.token_embedder), Decoder(cfg, self.token_embedder)
+
+
 # Either family's config: everything outside model.py / gemma.py / convert.py takes this and calls build().
 ModelConfig = Union[T5Config, "GemmaConfig"]
 
 
 def build(cfg: ModelConfig) -> nn.Module:
     """The model of a config's family: ``T5`` for T5Config, ``gemma.T5Gemma`` for GemmaConfig."""
-    if cfg.family == "t5":
+    if isinstance(cfg, T5Config):
         return T5(cfg)
     from dss_jax import gemma
 

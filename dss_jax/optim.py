@@ -6,6 +6,8 @@ AdamW with linear decay to 0 and no warmup is the paper's recipe; Adafactor is T
 from __future__ import annotations
 
 import gin
+import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
@@ -26,6 +28,7 @@ def learning_rate_schedule(
     if total_steps <= 0 or warmup_steps < 0 or warmup_steps > total_steps:
         raise ValueError(f"learning_rate_schedule: need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
     decay_steps = max(1, total_steps - warmup_steps)
+    main: optax.Schedule
     if decay == "constant":
         main = optax.constant_schedule(base_learning_rate)
     elif decay == "linear":
@@ -35,10 +38,10 @@ def learning_rate_schedule(
     else:
         offset = max(1, warmup_steps)
 
-        def main(step):  # noqa: ANN001
-            import jax.numpy as jnp
-
+        def rsqrt(step: jax.typing.ArrayLike) -> jax.Array:
             return base_learning_rate * jnp.sqrt(offset) / jnp.sqrt(jnp.maximum(step + offset, offset))
+
+        main = rsqrt
 
     if warmup_steps == 0:
         return main

@@ -79,7 +79,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 def validate_names(specs: Any, rules: Sequence[tuple[str, Any]]) -> None:
     """Every logical name in ``specs`` must have a rule (flax would replicate unknown names silently)."""
     known = {name for name, _ in rules}
-    used = set()
+    used: set[str] = set()
     for spec in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)):
         for name in spec:
             if name is not None:

@@ -88,7 +88,7 @@ def _bytes_per_device(abstract: Any, shardings: Any) -> int:
     import numpy as np
 
     total = 0
-    for a, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
+    for a, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings), strict=True):
         shard = s.shard_shape(a.shape)
         total += int(np.prod(shard)) * np.dtype(a.dtype).itemsize
     return total

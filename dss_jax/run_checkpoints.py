@@ -49,7 +49,7 @@ def exclusive(model_dir: Path) -> Iterator[None]:
     handle = None
     holder = ""
     if jax.process_index() == 0:
-        handle = open(model_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the body
+        handle = open(model_dir / LOCK_FILE, "a+", encoding="utf-8")  # held open for the body
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -76,7 +76,8 @@ def format_table(summary: dict[str, Any], model_dir: Path | None = None) -> str:
 
 def compare(run_dirs: list[Path]) -> str:
     """Runs side by side: method, steps, examples, accuracy per split, and the baselines of the first run."""
-    rows, base = [], {}
+    rows: list[tuple] = []
+    base: dict[str, Any] = {}
     for d in run_dirs:
         s = json.loads((d / "summary.json").read_text())
         base = base or {k: v for k, v in (s.get("baselines") or {}).items() if k != "split"}

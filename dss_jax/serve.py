@@ -135,7 +135,7 @@ class Batcher:
             batch, pending = pending[: self.max_batch], pending[self.max_batch :]
             try:
                 outs = await loop.run_in_executor(None, self._decode, [j.ids for j in batch], [j.sampling for j in batch])
-                for j, out in zip(batch, outs):
+                for j, out in zip(batch, outs, strict=True):
                     if not j.future.done():
                         j.future.set_result(out)
             except Exception as e:  # a decode failure fails its requests, never the server
@@ -167,7 +167,9 @@ class Batcher:
         self.stats.batches += 1
         self.stats.rows += len(rows)
         eos = self.predictor.config.eos_token_id
-        return [decoding.cut_at_eos(row[: s.max_tokens], eos) for row, s in zip(tokens[: len(rows)].tolist(), samplings)]
+        return [
+            decoding.cut_at_eos(row[: s.max_tokens], eos) for row, s in zip(tokens[: len(rows)].tolist(), samplings, strict=True)
+        ]
 
 
 class StudentService:

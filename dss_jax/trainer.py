@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax
 import jax
@@ -31,7 +31,9 @@ Batch = dict[str, jax.Array]
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
+    """The training state; the same tree also holds its abstract shapes and its shardings (``StateLayout``)."""
+
+    step: Any
     params: Any
     opt_state: Any
 
@@ -95,14 +97,21 @@ def with_start_tokens(tokens: jax.Array, segment_ids: jax.Array | None, start_id
 
 def _forward(model: nn.Module, params: Any, batch: Batch, deterministic: bool, rng: jax.Array | None) -> jax.Array:
     dec_seg = batch.get("decoder_segment_ids")
-    return model.apply(
-        {"params": params},
-        batch["encoder_input_tokens"],
-        with_start_tokens(batch["decoder_input_tokens"], dec_seg, model.config.decoder_start_token_id),
-        batch.get("encoder_segment_ids"),
-        dec_seg,
-        deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": rng},
+    rngs = None
+    if not deterministic:
+        assert rng is not None, "a training step with dropout needs an rng"
+        rngs = {"dropout": rng}
+    return cast(
+        jax.Array,
+        model.apply(
+            {"params": params},
+            batch["encoder_input_tokens"],
+            with_start_tokens(batch["decoder_input_tokens"], dec_seg, model.config.decoder_start_token_id),
+            batch.get("encoder_segment_ids"),
+            dec_seg,
+            deterministic=deterministic,
+            rngs=rngs,
+        ),
     )
 
 
@@ -288,7 +297,7 @@ def jit_train_step(
     batch_sharding: NamedSharding,
     mesh: Mesh,
     skip_nonfinite: bool = False,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> jax.stages.Wrapped:
     fn = functools.partial(
         train_step,
         cfg=cfg,

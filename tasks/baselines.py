@@ -65,5 +65,5 @@ def listed_choice_share(benchmark: str | None, inputs: list[str], predictions: l
     """Multiple choice (CQA): the share of predictions that are one of the input's listed choices (%)."""
     if benchmark != "cqa":
         return None
-    hits = sum(p.strip() in _choices(x) for x, p in zip(inputs, predictions))
+    hits = sum(p.strip() in _choices(x) for x, p in zip(inputs, predictions, strict=True))
     return 100.0 * hits / max(1, len(predictions))

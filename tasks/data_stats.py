@@ -23,7 +23,7 @@ from dss_jax.tasks import quality, readers
 PERCENTILES = (50, 90, 99, 100)
 
 
-def split_stats(benchmark: str, split: str, examples: list[readers.Example], vocab=None) -> dict:  # noqa: ANN001
+def split_stats(benchmark: str, split: str, examples: list[readers.Example], vocab=None) -> dict:
     from dss_jax.tasks import metrics
 
     teacher = [e for e in examples if e.has_teacher]
@@ -41,7 +41,7 @@ def split_stats(benchmark: str, split: str, examples: list[readers.Example], voc
             return [len(ids) + 1 for ids in vocab.tokenizer.encode(texts)]  # +1: EOS
 
         inputs = lengths([f"predict: {e.input}" for e in examples])
-        inputs = [n + (len(vocab.encode(e.input_b)) + 1 if e.input_b else 0) for n, e in zip(inputs, examples)]
+        inputs = [n + (len(vocab.encode(e.input_b)) + 1 if e.input_b else 0) for n, e in zip(inputs, examples, strict=True)]
         row["input_tokens"] = _pct(inputs)
         row["label_tokens"] = _pct(lengths([e.label for e in examples]))
         if teacher:
@@ -103,7 +103,7 @@ def show_examples(benchmark: str, split: str, examples: list[readers.Example], n
     return "\n".join(out)
 
 
-def _rationale_counts(benchmark: str | None, examples: list[readers.Example], args: argparse.Namespace, vocab) -> dict:  # noqa: ANN001
+def _rationale_counts(benchmark: str | None, examples: list[readers.Example], args: argparse.Namespace, vocab) -> dict:
     from dss_jax.tasks import registry, sources
 
     opts = registry.DataOptions(

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import gin
 import numpy as np
@@ -22,6 +23,7 @@ import seqio
 import tensorflow as tf
 
 from dss_jax import batching
+from dss_jax.batching import Repacker
 from dss_jax.tasks import metrics, preprocessors, readers, registry, sources
 
 
@@ -241,6 +243,7 @@ class SeqioData:
 
     def _check_teacher_outputs(self) -> None:
         """Methods that learn from the teacher need its rationales (DSS, single-task) or labels (distillation)."""
+        assert self.user_train_file is not None  # only user data has a train file to check
         train = readers.read_user_jsonl(self.user_train_file)
         field = "llm_label" if self.method == "distill" or self.label_source == "llm" else "rationale"
         if not any(getattr(e, field) for e in train):
@@ -278,7 +281,7 @@ class SeqioData:
         return spec
 
     @classmethod
-    def from_spec(cls, spec: dict, vocabulary: seqio.Vocabulary, **overrides: object) -> SeqioData:
+    def from_spec(cls, spec: dict, vocabulary: seqio.Vocabulary, **overrides: Any) -> SeqioData:
         """The inverse of :meth:`data_spec`; every value is checked to be a plain string, number or null."""
         spec = dict(spec)
         options = spec.pop("options", {})  # model dirs written before the data options were recorded: defaults
@@ -299,7 +302,7 @@ class SeqioData:
             self.task, self.inputs_length, self.targets_length, batch_size, self.pack, seed, shard_id, num_shards
         )
 
-    def repacker(self, rows_multiple: int) -> batching.Repacker | None:
+    def repacker(self, rows_multiple: int) -> Repacker | None:
         """Removes padding from each training batch (``batching``); None when the batches stay padded."""
         if self.batching == "padded":
             return None

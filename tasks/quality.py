@@ -83,10 +83,11 @@ def extra_rationales(
     """Per example, the extra rationales that train beside its own (up to ``per_input - 1``), and counts."""
     out: list[tuple[str, ...]] = []
     capped = 0
-    for e, k in zip(examples, keep):
+    for e, k in zip(examples, keep, strict=True):
         extra = list(e.extra_rationales) if k else []
         if extra and max_rationale_tokens:
-            short = [r for r, n in zip(extra, count_tokens(extra)) if n <= max_rationale_tokens]
+            assert count_tokens is not None, "max_rationale_tokens needs count_tokens"
+            short = [r for r, n in zip(extra, count_tokens(extra), strict=True) if n <= max_rationale_tokens]
             capped += len(extra) - len(short)
             extra = short
         out.append(tuple(extra[: per_input - 1]))

@@ -189,7 +189,7 @@ def _format_cqa(row: dict) -> tuple[str, str, str]:
     choices = row["choices"]
     if not isinstance(choices, list) or len(choices) != 5:
         raise ValueError(f"choices must be a list of 5, got {choices!r}")
-    lettered = "\n".join(f"({letter}) {c}" for letter, c in zip("abcde", choices))
+    lettered = "\n".join(f"({letter}) {c}" for letter, c in zip("abcde", choices, strict=True))
     return f"{row['question']}\nAnswer Choices:\n{lettered}", "", str(row["answer"])
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import gin
 import seqio
@@ -23,7 +24,7 @@ from dss_jax.files import atomic_write
 
 EXTRA_IDS = 0
 # SentencePiece special ids per convention: "t5" (T5 and Flan-T5 students) or "gemma" (T5Gemma, T5Gemma 2).
-SPECIAL_IDS = {
+SPECIAL_IDS: dict[str, dict[str, Any]] = {
     "t5": {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1},
     "gemma": {"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3},
 }
@@ -103,6 +104,7 @@ def get_vocabulary(
         raise ValueError("get_vocabulary: set exactly one of spm_path or train_on")
     if spm_path:
         return load_vocabulary(spm_path)
+    assert train_on is not None
     return load_vocabulary(train_sentencepiece(benchmark_texts(train_on), vocab_size, special_ids=special_ids))
 
 

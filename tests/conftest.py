@@ -8,10 +8,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import jax  # noqa: E402, F401  (reads its settings now: the compilation cache below is for CLI subprocesses only)
-import pytest  # noqa: E402
+import jax  # noqa: F401  (reads its settings now: the compilation cache below is for CLI subprocesses only)
+import pytest
 
 # One persistent XLA compilation cache for the CLIs the tests run (dss-train, dss-eval, ... inherit os.environ):
 # the tiny configs compile the same train, eval and decode steps dozens of times over, and a cached compile is a

@@ -90,7 +90,7 @@ def test_blockwise_equals_dense_forward_and_gradients(name, blocks):
     argnums = (0, 1, 2, 3) if table is not None else (0, 1, 2)
     g_ours = jax.jit(jax.grad(loss(ours), argnums))(q, k, v, table)
     g_ref = jax.grad(loss(ref), argnums)(q, k, v, table)
-    for a, r in zip(g_ours, g_ref):
+    for a, r in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
 
 
@@ -105,7 +105,7 @@ def _assert_forward_and_grads_equal(ours, ref, args, valid_q):
     argnums = tuple(range(len(args)))
     g_ours = jax.jit(jax.grad(loss(ours), argnums))(*args)
     g_ref = jax.grad(loss(ref), argnums)(*args)
-    for a, r in zip(g_ours, g_ref):
+    for a, r in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
 
 
@@ -319,7 +319,7 @@ def test_whole_model_with_small_blocks_equals_one_block(scan):
     (l2, lg2), g2 = loss(small)(params)
     np.testing.assert_allclose(lg2, lg1, atol=1e-5)
     flat1, flat2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
-    for a, b in zip(flat2, flat1):
+    for a, b in zip(flat2, flat1, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -84,7 +84,7 @@ def test_repacked_step_equals_the_padded_step(padded_batches, mode):
         s2, m2 = step(state0, rp(b))
         for k in ("loss", "label_loss", "rationale_loss", "grad_norm", "target_tokens"):
             np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
-        for a, c, p in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params), jax.tree.leaves(state0.params)):
+        for a, c, p in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params), jax.tree.leaves(state0.params), strict=True):
             g1, g2 = np.asarray(p) - np.asarray(c), np.asarray(p) - np.asarray(a)
             np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-5 * float(np.abs(g1).max()))
 

@@ -278,6 +278,6 @@ def test_rationale_quality_options_keep_the_label_and_drop_only_the_rationale(re
         paired_rationales = targets("svamp_dss_gold", task_id=2)
     finally:
         _reregister_svamp(v)
-    want = [v.decode(v.encode(e.rationale)[:127]) for e, k in zip(train, keep) if k]
+    want = [v.decode(v.encode(e.rationale)[:127]) for e, k in zip(train, keep, strict=True) if k]
     assert sorted(rationales) == sorted(paired_rationales) == sorted(want)  # (TFDS stores rows in its own order)
     assert len(paired_labels) == len(train)  # the label task still sees every input

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from factories import tiny_t5
 
-from dss_jax import convert, decoding, model
+from dss_jax import convert, convert_gemma, decoding, model
 from dss_jax.params import flatten, stack_layers
 
 torch = pytest.importorskip("torch")
@@ -179,7 +179,9 @@ def test_untied_head_logits_match_hf(hf_models):
 def test_config_from_dict_picks_the_family():
     from dss_jax.gemma import GemmaConfig
 
-    cfg = convert.gemma_config_from_hf({"model_type": "t5gemma2", "encoder": {"text_config": dict(ENC)}, "decoder": dict(DEC)})
+    cfg = convert_gemma.gemma_config_from_hf(
+        {"model_type": "t5gemma2", "encoder": {"text_config": dict(ENC)}, "decoder": dict(DEC)}
+    )
     again = model.config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert isinstance(again, GemmaConfig) and again == cfg
     t5 = tiny_t5()
@@ -192,7 +194,7 @@ def test_config_is_hashable_and_tree_is_hf_shaped():
     """The config is a static jit argument (hashable); the unscanned tree has HF's layer names and kernel shapes."""
     from dss_jax.params import expected_shapes
 
-    cfg = convert.gemma_config_from_hf({"model_type": "t5gemma", "encoder": dict(ENC), "decoder": dict(DEC)})
+    cfg = convert_gemma.gemma_config_from_hf({"model_type": "t5gemma", "encoder": dict(ENC), "decoder": dict(DEC)})
     hash(cfg)
     shapes = expected_shapes(cfg)
     assert shapes["encoder/layers_2/self_attn/k_proj/kernel"] == (32, 2 * 12)  # GQA: 2 kv heads of 12

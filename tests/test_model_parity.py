@@ -71,7 +71,7 @@ def test_greedy_tokens_match_hf_generate(gated):
             do_sample=False,
             num_beams=1,
         ).numpy()[:, 1:]  # drop the decoder start token
-    for row_ours, row_ref in zip(ours, ref):
+    for row_ours, row_ref in zip(ours, ref, strict=True):
         n = len(row_ref)
         eos = np.where(row_ref == cfg.eos_token_id)[0]
         n = eos[0] + 1 if len(eos) else n

@@ -91,7 +91,7 @@ def test_several_rationales_per_input_are_weighted_so_each_input_counts_once(tmp
     base = [
         {"input": f"is the {w} thing {v}", "label": "yes" if i % 2 else "no", "llm_label": "yes" if i % 2 else "no",
          "rationale": f"the {w} thing is {v} because it is {words[(i + 3) % 8]}"}
-        for i, (w, v) in enumerate(zip(words, reversed(words)))
+        for i, (w, v) in enumerate(zip(words, reversed(words), strict=True))
     ]  # fmt: skip
     one = _write(tmp_path / "one.jsonl", base)
     # inputs 0, 2, 4, 6: a second rationale that differs only by a trailing space (the same tokens)

@@ -31,7 +31,7 @@ def test_svamp_is_scored_by_equation_value_not_token_match():
     assert sorted(ordered) == sorted(gold)
     # the same values written differently: token exact match would score these 0%
     swapped = [f"1.0 * ( {t} )" for t in ordered]
-    assert sum(s.strip() == t.strip() for s, t in zip(swapped, ordered)) == 0
+    assert sum(s.strip() == t.strip() for s, t in zip(swapped, ordered, strict=True)) == 0
     assert data.score("validation", swapped)["accuracy"] == pytest.approx(100.0)
     assert data.score("validation", ["( 123457.0 + 0.5 )"] * len(ordered))["accuracy"] == 0.0
 

@@ -21,7 +21,7 @@ CFG = tiny_t5(vocab_size=50, d_kv=8, num_decoder_layers=2, relative_attention_nu
 def _brute_force(params, inputs, choices):
     """One choice at a time through the plain teacher-forced model: the obviously-correct twin."""
     picks, scores = [], []
-    for row, cands in zip(inputs, choices):
+    for row, cands in zip(inputs, choices, strict=True):
         s = []
         for toks in cands:
             padded = np.zeros((1, 8), np.int32)  # one shape, one compile; the reference stops at EOS

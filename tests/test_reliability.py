@@ -182,7 +182,7 @@ def test_damaged_checkpoint_metadata_is_one_line_without_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == len(cases), r.stderr[-3000:]  # one line per damaged step and nothing else
-    for name, line in zip(cases, lines):
+    for name, line in zip(cases, lines, strict=True):
         assert line.startswith("damaged: checkpoint step 7 is damaged"), (name, line)
         assert f"dss-eval --checkpoint={tmp_path / name / 'checkpoints' / '6'}" in line, (name, line)
 
@@ -440,7 +440,7 @@ def test_skip_mode_leaves_the_state_as_it_was_and_flags_the_step():
         after = jax.device_get((state.params, state.opt_state))
     assert int(m1["nonfinite"]) == 0 and int(m2["nonfinite"]) > 0
     assert int(state.step) == 2  # the step counts (data and dropout move on); the update does not
-    for (k, a), (_, b) in zip(_leaves(before), _leaves(after)):
+    for (k, a), (_, b) in zip(_leaves(before), _leaves(after), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(k))
     assert all(np.isfinite(np.asarray(v)).all() for _, v in _leaves(after[0]))
     first, flags, count = (int(x) for x in acc)

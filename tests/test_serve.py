@@ -89,7 +89,7 @@ def test_completions_equal_dss_infer_and_batch_concurrent_requests(server, stude
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(ask, inputs))
-    for a, e in zip(answers, expected):
+    for a, e in zip(answers, expected, strict=True):
         assert a.status_code == 200, a.text
         c = a.json()["choices"][0]
         assert (c["text"], c["rationale"]) == (e["label"], e["rationale"])
@@ -349,7 +349,7 @@ def test_decode_rows_per_row_settings_match_uniform_ones_and_greedy():
         arr = [
             np.asarray(x, dt)
             for x, dt in ((seeds, np.uint32), (temps, np.float32), (top_k, np.int32), (top_p, np.float32), (max_tokens, np.int32))
-        ]  # noqa: E501
+        ]
         return np.asarray(decoding.decode_rows(params, ids, cfg, 8, *arr))
 
     greedy = np.asarray(decoding.decode(params, ids, cfg, 8))

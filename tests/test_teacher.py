@@ -263,7 +263,9 @@ def test_faults_are_survived_and_nothing_is_lost(tmp_path):
 
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     gold = [json.loads(x) for x in inp.read_text().splitlines()]
-    assert [r["id"] for r in rows] == [g["id"] for g in gold] and all(r["label"] == g["label"] for r, g in zip(rows, gold))
+    assert [r["id"] for r in rows] == [g["id"] for g in gold] and all(
+        r["label"] == g["label"] for r, g in zip(rows, gold, strict=True)
+    )
     # truncated completions are counted and never used, though their text parses
     expected_length = sum(fake_completion(g["input"], j)[1] == "length" for g in gold for j in range(3))
     assert s["truncated"] == expected_length > 0
@@ -271,7 +273,7 @@ def test_faults_are_survived_and_nothing_is_lost(tmp_path):
     raw = [json.loads(x) for x in teacher.side_paths(out)["raw"].read_text().splitlines()]
     assert sum(x["finish_reason"] == "length" for r in raw for x in r["samples"]) == expected_length
     # the vote: the majority of the usable samples, ties to the first
-    for r, rr in zip(rows, raw):
+    for r, rr in zip(rows, raw, strict=True):
         usable = [x for x in rr["samples"] if x["finish_reason"] != "length" and x["parsed"]]
         if not usable:
             assert "llm_label" not in r
@@ -362,7 +364,7 @@ def test_shipped_prompt_on_a_benchmark_both_apis(tmp_path):
             assert teacher.main(argv) == 0
             rows = [json.loads(x) for x in out.read_text().splitlines()]
             assert [r["input"] for r in rows] == [e.input for e in gold] and [r["label"] for r in rows] == [e.label for e in gold]
-            for r, e in zip(rows, gold):  # the answer is the fake's choice, read by tasks/parsers.parse_cqa
+            for r, e in zip(rows, gold, strict=True):  # the answer is the fake's choice, read by tasks/parsers.parse_cqa
                 assert r["llm_label"] == re.search(r"So the answer is \([a-e]\) (.*)\.\n", fake_completion(e.input, 0)[0])[1]
             s = summary_of(out)
             assert s["parse_failures"] == 0 and s["prompt"]["version"] == "cqa-cot-v1"
@@ -706,7 +708,9 @@ def test_written_files_honour_the_umask(tmp_path):
 def test_duplicate_ids_are_warned_about_in_one_line(tmp_path):
     inp = tmp_path / "in.jsonl"
     ids = ["a", "b", "a", "c", "b", "a", "d"]
-    inp.write_text("".join(json.dumps({"id": i, "input": f"{w} pear", "label": w}) + "\n" for i, w in zip(ids, WORDS)))
+    inp.write_text(
+        "".join(json.dumps({"id": i, "input": f"{w} pear", "label": w}) + "\n" for i, w in zip(ids, WORDS, strict=False))
+    )
     prompt = write_prompt(tmp_path)
     with serving(FakeLLM()) as url:
         r = _cli(args(url, inp, tmp_path / "o" / "out.jsonl", prompt), timeout=60)
