@@ -61,7 +61,7 @@ def _equalize(sets: dict[str, list[Batch]]) -> dict[str, list[Batch]]:
         return sets
     from jax.experimental import multihost_utils
 
-    out = {}
+    out: dict[str, list[Any]] = {}  # a process without rows of a set pads it with None (no batch to copy)
     for name, batches in sorted(sets.items()):
         n = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
         empty = {k: np.zeros_like(v) for k, v in batches[0].items()} if batches else None

@@ -72,11 +72,11 @@ def model_shape(cfg: Any) -> AttentionShape:
             enc_windows=windows(e),
             dec_windows=windows(d),
         )
-    attn = 4 * cfg.d_model * cfg.num_heads * cfg.d_kv
+    attn_params = 4 * cfg.d_model * cfg.num_heads * cfg.d_kv
     mlp = (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff
     return AttentionShape(
-        enc_params=cfg.num_encoder_layers * (attn + mlp),
-        dec_params=cfg.num_decoder_layers * (2 * attn + mlp) + cfg.d_model * cfg.vocab_size,
+        enc_params=cfg.num_encoder_layers * (attn_params + mlp),
+        dec_params=cfg.num_decoder_layers * (2 * attn_params + mlp) + cfg.d_model * cfg.vocab_size,
         enc_layers=cfg.num_encoder_layers,
         dec_layers=cfg.num_decoder_layers,
         enc_width=cfg.num_heads * cfg.d_kv,
@@ -321,7 +321,7 @@ def xla_cost(module_text: str) -> dict[str, float]:
     """XLA's cost analysis (XLA:CPU's shape sizes) of an HLO module given as text."""
     import jax
     from jax._src.lib import _jax
-    from jaxlib import _hlo
+    from jaxlib import _hlo  # type: ignore[attr-defined]  # jaxlib's private HLO bindings ship no stubs
 
     client = jax.devices("cpu")[0].client
     return dict(_jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(module_text)))

@@ -297,7 +297,8 @@ def _type_name(hint: object) -> str:
         return "None"
     if hint is collections.abc.Callable or origin is collections.abc.Callable:
         return "a callable (a gin reference such as @module.fn())"
-    return {float: "a number", int: "an integer", bool: "True or False", str: "a string"}.get(hint, str(hint))
+    names: dict[object, str] = {float: "a number", int: "an integer", bool: "True or False", str: "a string"}
+    return names.get(hint, str(hint))
 
 
 def _parameter_hints(selector: str) -> dict[str, object]:
@@ -307,7 +308,7 @@ def _parameter_hints(selector: str) -> dict[str, object]:
         fn = gin.get_configurable(selector)
     except (ValueError, KeyError):
         return {}
-    target = inspect.unwrap(fn.__init__ if isinstance(fn, type) else fn)
+    target = inspect.unwrap(typing.cast(typing.Any, fn).__init__ if isinstance(fn, type) else fn)
     try:
         return typing.get_type_hints(target)
     except Exception:  # resolve them one by one: an annotation that does not resolve is not checked

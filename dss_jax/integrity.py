@@ -135,8 +135,11 @@ def verify_checksums(tree: Any, record: dict[str, Any] | None, step_dir: str | o
 
 
 def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_file_digests(prefix: str | os.PathLike) -> None:

@@ -73,7 +73,7 @@ def parse_topology(name: str) -> tuple[str, str, int]:
         gen, _, n = name.partition("-")
         if gen not in CHIPS or not n.isdigit():
             raise ValueError(f"unknown topology {name!r}; use e.g. v4-8, v5p-16, v5e-16, v6e-8 or v5e:4x4")
-        chips = int(n) // CHIPS[gen]["cores_per_chip"]
+        chips = int(n) // int(CHIPS[gen]["cores_per_chip"])
         table = _3D if CHIPS[gen]["dims"] == 3 else _2D
         if chips not in table:
             raise ValueError(f"{name}: no standard {gen} slice with {chips} chips; sizes: {sorted(table)} chips")

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     gin_utils.parse_gin(files, bindings)
     if model_dir is None:
         try:
-            model_dir = gin_utils.query_macro("MODEL_DIR")
+            model_dir = str(gin_utils.query_macro("MODEL_DIR"))
         except ValueError:
             print("dss-train: pass --model_dir=DIR (or bind MODEL_DIR in gin)", file=sys.stderr)
             return 2

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_dir = Path(args.data_dir) if args.data_dir else (None if args.user_jsonl else readers.default_data_dir())
         rows, shows = [], []
-        sources = [("user", None)] if args.user_jsonl else [(b, b) for b in args.benchmark]
+        sources: list[tuple[str, str | None]] = [("user", None)] if args.user_jsonl else [(b, b) for b in args.benchmark]
         for name, bench in sources:
             vocab = None
             if args.spm or args.train_vocab:
@@ -167,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                 if args.spm:
                     vocab = vocab_lib.load_vocabulary(args.spm)
                 else:
-                    texts = vocab_lib.benchmark_texts(args.user_jsonl or bench, data_dir)
+                    texts = vocab_lib.benchmark_texts(args.user_jsonl or str(bench), data_dir)
                     vocab = vocab_lib.load_vocabulary(vocab_lib.train_sentencepiece(texts, args.vocab_size))
             if args.user_jsonl:
                 splits = {"train": readers.read_user_jsonl(args.user_jsonl)}
             else:
-                splits = {s: readers.read_split(data_dir, bench, s) for s in readers.available_splits(data_dir, bench)}
+                bench_dir = data_dir or readers.default_data_dir()
+                splits = {
+                    s: readers.read_split(bench_dir, str(bench), s) for s in readers.available_splits(bench_dir, str(bench))
+                }
             for split, examples in splits.items():
                 rows.append(split_stats(bench or name, split, examples, vocab))
                 if split == "train" and (

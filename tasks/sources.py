@@ -35,15 +35,22 @@ class Source:
     user_files: tuple[tuple[str, str], ...] = ()
 
     @property
+    def _benchmark_dir(self) -> Path:
+        """The released data's directory (a benchmark source always has one)."""
+        if self.data_dir is None:
+            raise ValueError(f"source {self.name!r}: a benchmark source needs a data_dir")
+        return self.data_dir
+
+    @property
     def splits(self) -> list[str]:
         if self.benchmark:
-            return readers.available_splits(self.data_dir, self.benchmark)
+            return readers.available_splits(self._benchmark_dir, self.benchmark)
         return [s for s, _ in self.user_files]
 
     def examples(self, split: str) -> list[readers.Example]:
         """Python-side rows (for subsets, counts and the dss-data report)."""
         if self.benchmark:
-            return readers.read_split(self.data_dir, self.benchmark, split)
+            return readers.read_split(self._benchmark_dir, self.benchmark, split)
         files = dict(self.user_files)
         if split not in files:
             raise ValueError(f"{self.name} has no split {split!r}; splits: {self.splits}")
@@ -94,6 +101,8 @@ def select_rationales(
     dss-data reports them)."""
 
     def count_tokens(texts: list[str]) -> list[int]:
+        if vocabulary is None:
+            raise ValueError("max_rationale_tokens counts tokens: it needs the task's vocabulary")
         return [len(ids) + 1 for ids in vocabulary.tokenizer.encode(texts)] if texts else []  # +1: EOS
 
     counter = count_tokens if vocabulary is not None else None

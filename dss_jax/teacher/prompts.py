@@ -24,7 +24,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from dss_jax.tasks import answers
 from dss_jax.tasks.parsers import NLI_LABELS, PARSERS, Parsed
@@ -100,7 +100,7 @@ class PromptSpec:
         if self.parser == "dss-serve":  # the served student's label is the text, its rationale a separate field
             label, rationale = text.strip(), (rationale_field or "").strip()
             return Parsed(rationale, label, bool(label and rationale))
-        return parse_marker(text, self.parser["answer_marker"], self.stop)
+        return parse_marker(text, cast(dict, self.parser)["answer_marker"], self.stop)
 
     @property
     def benchmark(self) -> str | None:
@@ -141,10 +141,11 @@ def load(path: str | Path) -> PromptSpec:
     if unknown:
         raise PromptError(f"{path}: unknown field(s) {unknown}; fields: {sorted(_FIELDS)}")
 
-    def need(key: str, kind: type, default: Any = None) -> Any:
+    def need(key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
         v = d.get(key, default)
         if v is None or not isinstance(v, kind):
-            raise PromptError(f"{path}: field {key!r} must be a {kind.__name__}, got {v!r}")
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise PromptError(f"{path}: field {key!r} must be a {names}, got {v!r}")
         return v
 
     parser = d.get("parser")
@@ -169,7 +170,7 @@ def load(path: str | Path) -> PromptSpec:
         version=str(need("version", (str, int))),
         sha256=hashlib.sha256(raw).hexdigest(),
         path=str(path),
-        parser=parser,
+        parser=cast("str | dict", parser),
         query=query,
         answer_prefix=need("answer_prefix", str, ""),
         separator=need("separator", str, "\n\n"),
@@ -252,7 +253,8 @@ def build(benchmark: str, data_dir: Path) -> dict:
         e = examples[i]
         if good(e):
             pools.setdefault(_balance_key(benchmark, e), []).append(e)
-    picked, keys = [], sorted(pools)
+    picked: list[Any] = []
+    keys = sorted(pools)
     while len(picked) < count and any(pools.values()):
         for k in keys:
             if pools[k] and len(picked) < count:
