@@ -85,7 +85,7 @@ def test_completions_equal_dss_infer_and_batch_concurrent_requests(server, stude
     import concurrent.futures
 
     def ask(x):
-        return httpx.post(server + "/v1/completions", json={"prompt": x, "rationale": True, "model": "toy_student"}, timeout=120)
+        return httpx.post(server + "/v1/completions", json={"prompt": x, "rationale": True, "model": "student"}, timeout=120)
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(ask, inputs))
@@ -101,7 +101,7 @@ def test_completions_equal_dss_infer_and_batch_concurrent_requests(server, stude
     assert chat.json()["choices"][0]["message"]["content"] == expected[0]["label"]
     health = httpx.get(server + "/health").json()
     assert health["batches"] < health["rows"]  # concurrent rows shared batches
-    assert httpx.get(server + "/v1/models").json()["data"][0]["id"] == "toy_student"
+    assert httpx.get(server + "/v1/models").json()["data"][0]["id"] == "student"
 
 
 @pytest.mark.parametrize(
@@ -176,7 +176,7 @@ def test_sampling_settings_never_compile_another_program(server):
 
 def test_a_seeded_sample_does_not_depend_on_what_shares_its_batch(server):
     """The same seeded request alone, and as the last row of a batch whose other rows share its settings."""
-    settings = {"temperature": 2.0, "max_tokens": 12, "model": "toy_student"}
+    settings = {"temperature": 2.0, "max_tokens": 12, "model": "student"}
     mine = "grape olive peach mango"
     for seed in (3, 11, 12345):
         alone = httpx.post(server + "/v1/completions", json={"prompt": mine, "seed": seed, **settings}, timeout=60).json()
@@ -191,26 +191,26 @@ def test_streams_read_by_the_openai_client_concatenate_to_the_answer_and_stop_is
 
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
     prompt = "grape olive peach mango"
-    full = client.completions.create(model="toy_student", prompt=prompt, max_tokens=16, extra_body={"rationale": True})
+    full = client.completions.create(model="student", prompt=prompt, max_tokens=16, extra_body={"rationale": True})
     text = full.choices[0].text
     assert text  # the stream below is compared with something
-    chunks = list(client.completions.create(model="toy_student", prompt=prompt, max_tokens=16, stream=True))
+    chunks = list(client.completions.create(model="student", prompt=prompt, max_tokens=16, stream=True))
     assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
     messages = [{"role": "user", "content": prompt}]
-    chat = client.chat.completions.create(model="toy_student", messages=messages, max_tokens=16)
+    chat = client.chat.completions.create(model="student", messages=messages, max_tokens=16)
     assert chat.choices[0].message.content == text
     stream = client.chat.completions.create(
-        model="toy_student", messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        model="student", messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
     )
     parts = list(stream)
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == text
     assert parts[-1].usage.completion_tokens == chat.usage.completion_tokens
     # stop: the text ends before the first stop string, with finish_reason "stop"
     stop = text[len(text) // 2 :][:2]
-    cut = client.completions.create(model="toy_student", prompt=prompt, max_tokens=16, stop=[stop, "\u00a7"])
+    cut = client.completions.create(model="student", prompt=prompt, max_tokens=16, stop=[stop, "\u00a7"])
     assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed_cut = client.completions.create(model="toy_student", prompt=prompt, max_tokens=16, stop=stop, stream=True)
+    streamed_cut = client.completions.create(model="student", prompt=prompt, max_tokens=16, stop=stop, stream=True)
     pieces = list(streamed_cut)
     assert "".join(c.choices[0].text for c in pieces) == cut.choices[0].text and pieces[-1].choices[0].finish_reason == "stop"
 
