@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from dss_jax.model import ModelConfig
+
 _COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (.*)$")
 _WHILE = re.compile(r" while\(%([\w.\-]+)\), condition=%([\w.\-]+), body=%([\w.\-]+)")
@@ -49,39 +51,9 @@ class AttentionShape:
     dec_windows: tuple[int | None, ...] = ()
 
 
-def model_shape(cfg: Any) -> AttentionShape:
-    """The shape of a ``model.T5Config`` or a ``gemma.GemmaConfig``."""
-    if hasattr(cfg, "encoder"):  # GemmaConfig
-        e, d = cfg.encoder, cfg.decoder
-
-        def attn(s: Any, kv_in: int) -> int:
-            return 2 * s.hidden_size * s.num_attention_heads * s.head_dim + 2 * kv_in * s.num_key_value_heads * s.head_dim
-
-        def windows(s: Any) -> tuple[int | None, ...]:
-            return tuple(s.sliding_window if t == "sliding_attention" else None for t in s.layer_types)
-
-        cross = attn(d, e.hidden_size) if cfg.family == "t5gemma" else 2 * e.hidden_size * d.num_key_value_heads * d.head_dim
-        return AttentionShape(
-            enc_params=e.num_hidden_layers * (attn(e, e.hidden_size) + 3 * e.hidden_size * e.intermediate_size),
-            dec_params=d.num_hidden_layers * (attn(d, d.hidden_size) + cross + 3 * d.hidden_size * d.intermediate_size)
-            + d.hidden_size * cfg.vocab_size,
-            enc_layers=e.num_hidden_layers,
-            dec_layers=d.num_hidden_layers,
-            enc_width=e.num_attention_heads * e.head_dim,
-            dec_width=d.num_attention_heads * d.head_dim,
-            enc_windows=windows(e),
-            dec_windows=windows(d),
-        )
-    attn_params = 4 * cfg.d_model * cfg.num_heads * cfg.d_kv
-    mlp = (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff
-    return AttentionShape(
-        enc_params=cfg.num_encoder_layers * (attn_params + mlp),
-        dec_params=cfg.num_decoder_layers * (2 * attn_params + mlp) + cfg.d_model * cfg.vocab_size,
-        enc_layers=cfg.num_encoder_layers,
-        dec_layers=cfg.num_decoder_layers,
-        enc_width=cfg.num_heads * cfg.d_kv,
-        dec_width=cfg.num_heads * cfg.d_kv,
-    )
+def model_shape(cfg: ModelConfig) -> AttentionShape:
+    """The shape of a ``model.T5Config`` or a ``gemma.GemmaConfig`` (each config states its own)."""
+    return AttentionShape(**cfg.flop_shape())
 
 
 def _pairs(lengths: np.ndarray, windows: tuple[int | None, ...], layers: int, causal: bool) -> float:

@@ -164,27 +164,30 @@ class GemmaConfig(ConfigMethods):
             d[s]["layer_types"] = list(d[s]["layer_types"])
         return d
 
-    def train_flops_per_token(self, inputs_length: int, targets_length: int) -> float:
-        """Approximate training FLOPs per target token (6 x matmul params, plus attention scores)."""
-
+    def flop_shape(self) -> dict[str, Any]:
         def attn_params(s: GemmaStack, kv_in: int) -> int:
-            return s.hidden_size * s.num_attention_heads * s.head_dim * 2 + 2 * kv_in * s.num_key_value_heads * s.head_dim
+            return 2 * s.hidden_size * s.num_attention_heads * s.head_dim + 2 * kv_in * s.num_key_value_heads * s.head_dim
 
-        e, dcd = self.encoder, self.decoder
-        mlp_e, mlp_d = 3 * e.hidden_size * e.intermediate_size, 3 * dcd.hidden_size * dcd.intermediate_size
-        enc = e.num_hidden_layers * (attn_params(e, e.hidden_size) + mlp_e)
+        def windows(s: GemmaStack) -> tuple[int | None, ...]:
+            return tuple(s.sliding_window if t == "sliding_attention" else None for t in s.layer_types)
+
+        e, d = self.encoder, self.decoder
+        # T5Gemma's cross-attention has its own query and output; T5Gemma 2's merged attention adds only K/V of the
+        # encoder's output
         cross = (
-            attn_params(dcd, e.hidden_size)
-            if self.family == "t5gemma"
-            else 2 * e.hidden_size * dcd.num_key_value_heads * dcd.head_dim
+            attn_params(d, e.hidden_size) if self.family == "t5gemma" else 2 * e.hidden_size * d.num_key_value_heads * d.head_dim
         )
-        dec = dcd.num_hidden_layers * (attn_params(dcd, dcd.hidden_size) + cross + mlp_d) + dcd.hidden_size * self.vocab_size
-        ratio = inputs_length / max(targets_length, 1)
-        scores = 2 * (
-            e.num_hidden_layers * e.num_attention_heads * e.head_dim * inputs_length * ratio
-            + dcd.num_hidden_layers * dcd.num_attention_heads * dcd.head_dim * (targets_length + inputs_length)
-        )
-        return 6.0 * (enc * ratio + dec) + 6.0 * scores
+        return {
+            "enc_params": e.num_hidden_layers * (attn_params(e, e.hidden_size) + 3 * e.hidden_size * e.intermediate_size),
+            "dec_params": d.num_hidden_layers * (attn_params(d, d.hidden_size) + cross + 3 * d.hidden_size * d.intermediate_size)
+            + d.hidden_size * self.vocab_size,
+            "enc_layers": e.num_hidden_layers,
+            "dec_layers": d.num_hidden_layers,
+            "enc_width": e.num_attention_heads * e.head_dim,
+            "dec_width": d.num_attention_heads * d.head_dim,
+            "enc_windows": windows(e),
+            "dec_windows": windows(d),
+        }
 
 
 class GemmaEncoder(nn.Module):

@@ -54,6 +54,22 @@ class ConfigMethods:
     def replace(self: ConfigT, **changes: Any) -> ConfigT:
         return dataclasses.replace(self, **changes)
 
+    def flop_shape(self) -> dict[str, Any]:
+        """Matmul parameters a token passes through per stack, layer counts, attention widths (query heads x head
+        dim) and per-layer sliding windows: the fields of ``flops.AttentionShape``."""
+        raise NotImplementedError
+
+    def train_flops_per_token(self, inputs_length: int, targets_length: int) -> float:
+        """Approximate training FLOPs per target token (6 x matmul params, plus attention scores), for MFU reports."""
+        s = self.flop_shape()
+        ratio = inputs_length / max(targets_length, 1)
+        matmul = s["enc_params"] * ratio + s["dec_params"]
+        scores = 2 * (
+            s["enc_layers"] * s["enc_width"] * inputs_length * ratio
+            + s["dec_layers"] * s["dec_width"] * (targets_length + inputs_length)
+        )
+        return 6.0 * matmul + 6.0 * scores
+
     @classmethod
     def from_dict(cls: type[ConfigT], d: dict[str, Any]) -> ConfigT:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -115,22 +131,17 @@ class T5Config(ConfigMethods):
     def gated(self) -> bool:
         return self.feed_forward_proj == "gated-gelu"
 
-    def train_flops_per_token(self, inputs_length: int, targets_length: int) -> float:
-        """Approximate training FLOPs per target token (6 x matmul params, plus attention), for MFU reports."""
-        d, h, kv, ff = self.d_model, self.num_heads, self.d_kv, self.d_ff
-        attn_params = 4 * d * h * kv
-        mlp = (3 if self.gated else 2) * d * ff
-        enc = self.num_encoder_layers * (attn_params + mlp)
-        dec = self.num_decoder_layers * (2 * attn_params + mlp) + d * self.vocab_size
-        ratio = inputs_length / max(targets_length, 1)
-        matmul = enc * ratio + dec
-        attn_scores = (
-            2
-            * h
-            * kv
-            * (self.num_encoder_layers * inputs_length * ratio + self.num_decoder_layers * (targets_length + inputs_length))
-        )
-        return 6.0 * matmul + 6.0 * attn_scores
+    def flop_shape(self) -> dict[str, Any]:
+        attn_params = 4 * self.d_model * self.num_heads * self.d_kv
+        mlp = (3 if self.gated else 2) * self.d_model * self.d_ff
+        return {
+            "enc_params": self.num_encoder_layers * (attn_params + mlp),
+            "dec_params": self.num_decoder_layers * (2 * attn_params + mlp) + self.d_model * self.vocab_size,
+            "enc_layers": self.num_encoder_layers,
+            "dec_layers": self.num_decoder_layers,
+            "enc_width": self.num_heads * self.d_kv,
+            "dec_width": self.num_heads * self.d_kv,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
