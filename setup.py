@@ -7,7 +7,7 @@ from setuptools import setup
 
 VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "dss_jax" / "__init__.py").read_text(), re.M)[1]
 
-# Versions checked together on Python 3.11 (see README). The core (model, partitioning, trainer, decoding)
+# Versions checked together on Python 3.11. The core (model, partitioning, trainer, decoding)
 # needs only the first block; TensorFlow and seqio belong to the data layer.
 CORE = [
     "jax==0.10.2",
