@@ -2,21 +2,12 @@
 
 import jax
 import numpy as np
+from factories import tiny_t5
 
 from dss_jax import decoding, model
 
-CFG = model.T5Config(
-    vocab_size=40,
-    d_model=32,
-    d_kv=8,
-    d_ff=64,
-    num_heads=4,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    dropout_rate=0.0,
-    dtype="float32",
+CFG = tiny_t5(
+    vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16
 )
 
 
