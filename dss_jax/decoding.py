@@ -204,18 +204,19 @@ def length_penalty(length: Array, alpha: float) -> Array:
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
-def _gather_beams(tree: Any, beam_idx: Array, batch: int, beams: int, batch_axis: int) -> Any:
-    """Reorders the flattened (batch * beams) axis of every cache leaf by the chosen parent beams."""
+_PER_ROW = ("cached_key", "cached_value")  # the self-attention slots: one row per beam
+
+
+def _per_beam(cache: dict, beams: int, axis: int) -> dict:
+    """A decode cache made for one row per input, with its self-attention slots repeated for each beam (the
+    cross-attention keys and values stay once per input: see ``model.per_input_cross``)."""
+    return {name: jnp.repeat(x, beams, axis=axis) if name[-1] in _PER_ROW else x for name, x in cache.items()}
+
+
+def _gather_beams(cache: dict, beam_idx: Array, batch: int, beams: int, axis: int) -> dict:
+    """Reorders the (batch * beams) rows of the self-attention slots of a flattened cache by the chosen parents."""
     flat_idx = (jnp.arange(batch)[:, None] * beams + beam_idx).reshape(-1)
-
-    def gather(path: tuple, x: Array) -> Array:
-        if x.ndim <= batch_axis or x.shape[batch_axis] != batch * beams:
-            return x  # cache indices and markers
-        if any("cross_" in str(getattr(p, "key", "")) for p in path):
-            return x  # the encoder's keys/values are the same for every beam of an input: nothing to reorder
-        return jnp.take(x, flat_idx, axis=batch_axis)
-
-    return jax.tree_util.tree_map_with_path(gather, tree)
+    return {name: jnp.take(x, flat_idx, axis=axis) if name[-1] in _PER_ROW else x for name, x in cache.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "num_beams", "alpha"))
@@ -228,10 +229,11 @@ def beam_search(
     """
     model = build(config)
     batch, k, vocab = encoder_input_tokens.shape[0], num_beams, config.vocab_size
-    encoded, enc_seg = _encode(model, params, encoder_input_tokens)  # once per input, shared by its beams
-    encoded, enc_seg = jnp.repeat(encoded, k, axis=0), jnp.repeat(enc_seg, k, axis=0)
-    cache = _init_cache(model, params, encoded, enc_seg, batch * k, max_decode_length)
+    # each input encoded once, its cross-attention keys and values kept once and read by all its beams
+    encoded, enc_seg = _encode(model, params, encoder_input_tokens)
+    cross, cache = _split_cross(_init_cache(model, params, encoded, enc_seg, batch, max_decode_length))
     cache_axis = 1 if config.scan_layers else 0
+    cache = _per_beam(cache, k, cache_axis)
     neg = jnp.array(-1e9, jnp.float32)
 
     def cond(s: tuple) -> Array:
@@ -242,7 +244,7 @@ def beam_search(
 
     def body(s: tuple) -> tuple:
         i, cache, alive_seq, alive_lp, fin_seq, fin_scores, cur = s
-        logits, new_cache = _step(model, params, cache, encoded, enc_seg, cur, i, max_decode_length)
+        logits, new_cache = _step(model, params, _join(cross, cache), encoded, enc_seg, cur, i, max_decode_length)
         logp = jax.nn.log_softmax(logits).reshape(batch, k, vocab)
         cand = (alive_lp[:, :, None] + logp).reshape(batch, k * vocab)
         top_lp, top_idx = jax.lax.top_k(cand, 2 * k)
@@ -263,7 +265,7 @@ def beam_search(
         all_seqs = jnp.concatenate([fin_seq, seqs], axis=1)
         fin_scores, fin_pos = jax.lax.top_k(all_scores, k)
         fin_seq = jnp.take_along_axis(all_seqs, fin_pos[:, :, None], axis=1)
-        cache = _gather_beams(new_cache, new_parent, batch, k, cache_axis)
+        cache = _gather_beams(_split_cross(new_cache)[1], new_parent, batch, k, cache_axis)
         return i + 1, cache, new_alive_seq, live_lp, fin_seq, fin_scores, new_cur
 
     alive_lp = jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), (batch, 1))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dss_jax import attention as attn
-from dss_jax.model import Dense, _constrain, _dtype, _remat, cached_cross_kv, cached_self_kv, named_param
+from dss_jax.model import Dense, _constrain, _dtype, _remat, cached_cross_kv, cached_self_kv, named_param, per_input_cross
 
 if TYPE_CHECKING:
     from dss_jax.gemma import GemmaConfig, GemmaStack
@@ -210,8 +210,14 @@ class GemmaAttention(nn.Module):
             ck, cv = cached_cross_kv(self, decode, cross_kv)
             assert cross_pos is not None  # the decoder's kinds get the encoder's positions
             enc_pos = cross_pos
+
+        def cross(return_lse: bool) -> Any:
+            return per_input_cross(
+                lambda q, k, v, p: attend(q, k, v, attn.Bias(), p, rng, return_lse=return_lse), q, ck, cv, enc_pos
+            )
+
         if self.kind == "cross":
-            out = attend(q, ck, cv, attn.Bias(), enc_pos, rng, return_lse=False)
+            out = cross(False)
         else:
             k, v = k_norm(heads(k_proj(x), hkv)), heads(v_proj(x), hkv)
             k = apply_rope(k, cos, sin)
@@ -228,7 +234,7 @@ class GemmaAttention(nn.Module):
 
             out = _cond(sliding, run(self._window(True)), run(None), q, k, v, rng)
             if want_lse:  # one softmax over the self and the encoder keys, each set with its own mask
-                out, _ = attn.merge([out, attend(q, ck, cv, attn.Bias(), enc_pos, rng, return_lse=True)])
+                out, _ = attn.merge([out, cross(True)])
         out = nn.with_logical_constraint(out.astype(dtype), ("batch", "length", "heads", "kv"))
         out = out.reshape(out.shape[:2] + (hq * hd,))
         return dense(s.hidden_size, ("joined_kv", "embed"), name="o_proj")(out)

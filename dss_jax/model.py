@@ -225,6 +225,35 @@ def cached_cross_kv(mdl: nn.Module, decode: bool, project: Callable[[], tuple[Ar
     return k, v
 
 
+def per_input_cross(
+    fn: Callable[[Array, Array, Array, tuple[Array, Array, Array, Array]], Any],
+    q: Array,
+    k: Array,
+    v: Array,
+    pos: tuple[Array, Array, Array, Array],
+) -> Any:
+    """Cross-attention ``fn(q, k, v, pos)`` (returning out [b, q, h, d], or (out, lse)) when the cache holds the
+    encoder's keys and values once per input and ``q`` has several rows per input (beam search's beams, each
+    input's rows adjacent): each input's beams become its query positions, so its keys and values are read once,
+    not once per beam. With as many query rows as key rows it is ``fn`` itself.
+    """
+    rows, inputs = q.shape[0], k.shape[0]
+    if rows == inputs:
+        return fn(q, k, v, pos)
+    length = q.shape[1]
+    q_pos, k_pos, q_seg, k_seg = pos
+
+    def fold(x: Array) -> Array:
+        x = jnp.broadcast_to(x, (rows, length) + x.shape[2:])
+        return x.reshape((inputs, rows // inputs * length) + x.shape[2:])
+
+    def unfold(x: Array) -> Array:
+        return x.reshape((rows, length) + x.shape[2:])
+
+    res = fn(fold(q), k, v, (fold(q_pos), k_pos, fold(q_seg), k_seg))
+    return tuple(unfold(x) for x in res) if isinstance(res, tuple) else unfold(res)
+
+
 def cached_self_kv(mdl: nn.Module, k: Array, v: Array, q_len: int, max_decode_length: int | None) -> tuple[Array, Array]:
     """Decoder self-attention's keys and values when decoding: the call that creates the cache
     (``max_decode_length`` slots) returns its own; each later step writes its one token's at the cache index
@@ -284,7 +313,8 @@ class Attention(nn.Module):
     segment ids and positions (``dss_jax.attention``). With ``decode=True`` self-attention keeps earlier
     steps' keys and values in the ``cache`` collection (``max_decode_length`` slots); cross-attention
     (``cross=True``) computes the encoder's keys and values once, on the call that creates the cache, and
-    reads them from the cache at every later step.
+    reads them from the cache at every later step, where the cache may hold them once per input for several
+    query rows per input (``per_input_cross``).
     """
 
     config: T5Config
@@ -326,10 +356,11 @@ class Attention(nn.Module):
 
         rng = self.make_rng("dropout") if (not deterministic and cfg.dropout_rate > 0) else None
         impl = attn.resolve_impl(cfg.attention_impl, cfg.dtype)
-        if impl == "cudnn" and rng is None:
-            out = attn.cudnn_attention(q, k, v, table, self.bias, *pos)
-        else:
-            out = attn.attention(  # type: ignore[assignment]  # Array: no return_lse
+
+        def run(q: Array, k: Array, v: Array, pos: tuple[Array, Array, Array, Array]) -> Array:
+            if impl == "cudnn" and rng is None:
+                return attn.cudnn_attention(q, k, v, table, self.bias, *pos)
+            return attn.attention(  # type: ignore[return-value]  # Array: no return_lse
                 q,
                 k,
                 v,
@@ -341,6 +372,8 @@ class Attention(nn.Module):
                 dropout_rng=rng,
                 dropout_rate=cfg.dropout_rate,
             )
+
+        out = per_input_cross(run, q, k, v, pos) if self.cross else run(q, k, v, pos)
         out = nn.with_logical_constraint(out.astype(dtype), ("batch", "length", "heads", "kv"))
         out = out.reshape(out.shape[:2] + (inner,))
         return dense(cfg.d_model, ("joined_kv", "embed"), name="out")(out)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from factories import small_t5
+from factories import small_t5, tiny_gemma
 
 from dss_jax import convert, decoding, model
 
@@ -30,6 +30,27 @@ def test_cached_greedy_equals_recompute_reference(seed, scan):
     ref = decoding.greedy_decode_reference(params, ids, cfg.replace(scan_layers=False), 10)
     got = decoding.decode(convert.stack_layers(params) if scan else params, ids, cfg, 10)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@pytest.mark.parametrize("family", ["t5", "t5gemma", "t5gemma2"])
+def test_cross_attention_kept_once_per_input_equals_once_per_beam(family):
+    """Beam search keeps the encoder's keys and values once per input; each step's logits equal those of a cache
+    that repeats them for every beam (T5 cross-attention, T5Gemma cross, T5Gemma 2 merged attention)."""
+    cfg = CFG if family == "t5" else tiny_gemma(family)
+    m, params = model.build(cfg), model.init_params(cfg, jax.random.PRNGKey(0))
+    ids, beams, length = _ragged(4, batch=3, length=9), 2, 5
+    encoded, seg = decoding._encode(m, params, ids)
+    repeated = decoding._init_cache(m, params, jnp.repeat(encoded, beams, 0), jnp.repeat(seg, beams, 0), 3 * beams, length)
+    cross, rest = decoding._split_cross(decoding._init_cache(m, params, encoded, seg, 3, length))
+    assert all(x.shape[0] == 3 for x in cross.values())
+    once = decoding._join(cross, decoding._per_beam(rest, beams, 0))
+    cur = jnp.asarray(np.random.RandomState(5).randint(2, 40, size=3 * beams), jnp.int32)
+    rep_enc, rep_seg = jnp.repeat(encoded, beams, 0), jnp.repeat(seg, beams, 0)
+    for i in range(3):
+        want, repeated = decoding._step(m, params, repeated, rep_enc, rep_seg, cur, jnp.int32(i), length)
+        got, once = decoding._step(m, params, once, encoded, seg, cur, jnp.int32(i), length)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+        cur = jnp.argmax(got, -1).astype(jnp.int32)
 
 
 def test_rows_stop_at_their_eos():
