@@ -207,17 +207,12 @@ class GemmaAttention(nn.Module):
         attend = functools.partial(_attend, cfg, scale=scale, softcap=softcap)
 
         if self.kind in ("cross", "merged"):
-            ck, cv = cached_cross_kv(self, decode, cross_kv)
             assert cross_pos is not None  # the decoder's kinds get the encoder's positions
-            enc_pos = cross_pos
-
-        def cross(return_lse: bool) -> Any:
-            return per_input_cross(
-                lambda q, k, v, p: attend(q, k, v, attn.Bias(), p, rng, return_lse=return_lse), q, ck, cv, enc_pos
-            )
-
+            ck, cv = cached_cross_kv(self, decode, cross_kv)
+            lse = self.kind == "merged"  # K/V once per input, also for a row per beam (model.per_input_cross)
+            cross = per_input_cross(lambda q, k, v, p: attend(q, k, v, attn.Bias(), p, rng, return_lse=lse), q, ck, cv, cross_pos)
         if self.kind == "cross":
-            out = cross(False)
+            out = cross
         else:
             k, v = k_norm(heads(k_proj(x), hkv)), heads(v_proj(x), hkv)
             k = apply_rope(k, cos, sin)
@@ -234,7 +229,7 @@ class GemmaAttention(nn.Module):
 
             out = _cond(sliding, run(self._window(True)), run(None), q, k, v, rng)
             if want_lse:  # one softmax over the self and the encoder keys, each set with its own mask
-                out, _ = attn.merge([out, cross(True)])
+                out, _ = attn.merge([out, cross])
         out = nn.with_logical_constraint(out.astype(dtype), ("batch", "length", "heads", "kv"))
         out = out.reshape(out.shape[:2] + (hq * hd,))
         return dense(s.hidden_size, ("joined_kv", "embed"), name="o_proj")(out)
