@@ -95,7 +95,7 @@ def run_jax(a: argparse.Namespace, batches: list[dict[str, np.ndarray]]) -> dict
                 state, m = step(state, partitioning.global_batch(packed, bsh))
                 jax.block_until_ready(m["loss"])
                 times.append(time.time() - t)
-                computed.append(packed["encoder_input_tokens"].size + packed["decoder_target_tokens"].size)
+                computed.append(batching.computed_tokens(packed))
     return {"step_seconds": times, "warmup_seconds": warmup, "computed_tokens_per_step": float(np.mean(computed))}
 
 

@@ -4,8 +4,10 @@ The input pipeline yields unpacked rows padded to the configured lengths (1024/2
 a step holds exactly the configured number of inputs with both targets. ``Repacker`` then removes the padding
 from each batch, in numpy, before the step sees it:
 
-- ``"bucketed"``: the rows stay as they are; the columns are cut to the smallest length bucket that holds the
-  batch's longest input and longest target.
+- ``"bucketed"``: the rows stay as they are, grouped by task; each task's columns are cut to the smallest length
+  buckets that hold its longest input and longest target, so short label targets are not padded to the
+  rationales' length. Tasks whose buckets coincide share one group. A step then holds one group of rows per
+  distinct shape (``row_groups``): the first under the usual keys, the others under ``g1/``, ``g2/``, ...
 - ``"packed"``: the batch's sequences (encoder part and decoder part together) are packed first-fit into rows
   of bucketed lengths, with segment ids and positions, and the row count is rounded up to a multiple of
   ``rows_bucket``. Every sequence keeps its own tokens, loss weights and task ids; attention never crosses a
@@ -26,8 +28,34 @@ import numpy as np
 
 MODES = ("padded", "bucketed", "packed")
 LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+# Bucketed rows hold one sequence each, so their lengths follow the data closely: steps of 16 up to 128 (a CQA
+# input is ~50-80 tokens, a label target 2-5). A run's batch maxima cluster in one or two buckets per task, so
+# the finer steps add few compiled shapes. (Packing picks its row lengths at 1x/2x/4x the longest sequence from
+# LENGTH_BUCKETS, whose coarser steps leave room for a second sequence.)
+BUCKETED_LENGTHS = (8, 16, 32, 48, 64, 80, 96, 112, 128) + LENGTH_BUCKETS[6:]
 ENC_KEYS = ("encoder_input_tokens",)
 DEC_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_task_ids")
+MAX_TASK_ID = 7  # task ids a bucketed step may group by (the DSS tasks are 1 and 2; 0 is padding)
+
+
+def group_prefix(g: int) -> str:
+    return "" if g == 0 else f"g{g}/"
+
+
+def row_groups(batch: dict) -> list[dict]:
+    """A step's groups of rows (each with its own shape): keys without a prefix, then ``g1/...``, ``g2/...``."""
+    groups: list[dict] = []
+    while True:
+        p = group_prefix(len(groups))
+        g = {k[len(p) :]: v for k, v in batch.items() if k.startswith(p) and (p or "/" not in k)}
+        if not g:
+            return groups
+        groups.append(g)
+
+
+def computed_tokens(batch: dict) -> int:
+    """Token positions a step computes (padding included), over all its row groups."""
+    return sum(int(g["encoder_input_tokens"].size + g["decoder_target_tokens"].size) for g in row_groups(batch))
 
 
 def bucket(n: int, cap: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
@@ -97,20 +125,27 @@ class Repacker:
         if self.rows_bucket % self.rows_multiple:
             self.rows_bucket = round_up(self.rows_bucket, self.rows_multiple)
 
-    def shape_for(self, batch: dict[str, np.ndarray]) -> tuple[Shape, list[list[int]] | None]:
+    def task_shapes(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Bucketed: [MAX_TASK_ID + 1, 3] (rows, encoder, decoder length) per task id; zeros for absent tasks."""
         enc_len, dec_len = real_lengths(batch)
-        n = len(enc_len)
-        enc = bucket(int(enc_len.max(initial=1)), self.inputs_length)
-        dec = bucket(int(dec_len.max(initial=1)), self.targets_length)
-        if self.mode == "packed":
-            return self._best_packing(enc_len, dec_len, enc, dec)
-        return Shape(round_up(n, self.rows_multiple), enc, dec), None
+        task = batch["decoder_task_ids"][:, 0]
+        out = np.zeros((MAX_TASK_ID + 1, 3), np.int64)
+        for t in np.unique(task[(enc_len > 0) | (dec_len > 0)]):  # all-padding rows (a short last batch) are dropped
+            if not 0 <= t <= MAX_TASK_ID:
+                raise ValueError(f"decoder_task_ids holds task id {t}; bucketed batching groups ids 0..{MAX_TASK_ID}")
+            m = (task == t) & ((enc_len > 0) | (dec_len > 0))
+            e = bucket(int(enc_len[m].max(initial=1)), self.inputs_length, BUCKETED_LENGTHS)
+            d = bucket(int(dec_len[m].max(initial=1)), self.targets_length, BUCKETED_LENGTHS)
+            out[t] = (round_up(int(m.sum()), self.rows_multiple), e, d)
+        return out
 
-    def _best_packing(self, enc_len: np.ndarray, dec_len: np.ndarray, enc: int, dec: int) -> tuple[Shape, list[list[int]]]:
+    def _best_packing(self, enc_len: np.ndarray, dec_len: np.ndarray) -> tuple[Shape, list[list[int]]]:
         """Row lengths from the buckets at 1x, 2x and 4x the longest sequence: the cheapest packing wins.
 
         Cost ~ tokens computed, with attention's quadratic part: rows * (E + T) * (1 + (E + T) / 1024).
         """
+        enc = bucket(int(enc_len.max(initial=1)), self.inputs_length)
+        dec = bucket(int(dec_len.max(initial=1)), self.targets_length)
         best = None
         for e in sorted({bucket(enc * f, self.inputs_length) for f in (1, 2, 4)}):
             for t in sorted({bucket(dec * f, self.targets_length) for f in (1, 2, 4)}):
@@ -125,37 +160,49 @@ class Repacker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.mode == "padded":
             return batch
-        shape, rows = self.shape_for(batch)
-        shape = self._agree(shape)
-        if rows is not None and len(rows) > shape.rows:  # cannot happen: the agreed shape is at least ours
-            raise AssertionError("packed rows exceed the agreed row count")
         enc_len, dec_len = real_lengths(batch)
         self.padded_tokens += int(batch["encoder_input_tokens"].size + batch["decoder_target_tokens"].size)
         self.real_tokens += int(enc_len.sum() + dec_len.sum())
         self.at_length_limit += int(np.sum((enc_len >= self.inputs_length) | (dec_len >= self.targets_length)))
-        self.computed_tokens += shape.rows * (shape.enc + shape.dec)
-        if rows is None:
-            return self._trim(batch, shape)
-        return self._pack(batch, shape, rows, enc_len, dec_len)
+        if self.mode == "bucketed":
+            out = self._bucketed(batch, self._agree(self.task_shapes(batch)))
+        else:
+            shape, rows = self._best_packing(enc_len, dec_len)
+            agreed = self._agree(np.array([[shape.rows, shape.enc, shape.dec]]))[0]
+            shape = Shape(*(int(x) for x in agreed))
+            if len(rows) > shape.rows:  # cannot happen: the agreed shape is at least ours
+                raise AssertionError("packed rows exceed the agreed row count")
+            out = self._pack(batch, shape, rows, enc_len, dec_len)
+        self.computed_tokens += computed_tokens(out)
+        return out
 
-    def _agree(self, shape: Shape) -> Shape:
+    def _agree(self, shapes: np.ndarray) -> np.ndarray:
+        """Multi-process: the elementwise largest of every process's shapes (one process: its own)."""
         import jax
 
         if not self.agree or jax.process_count() == 1:
-            return shape
+            return shapes
         from jax.experimental import multihost_utils
 
-        all_shapes = np.asarray(multihost_utils.process_allgather(np.array([shape.rows, shape.enc, shape.dec])))
-        return Shape(*(int(x) for x in all_shapes.reshape(-1, 3).max(0)))
+        gathered = np.asarray(multihost_utils.process_allgather(shapes))
+        return gathered.reshape((-1,) + shapes.shape).max(0)
 
     @staticmethod
-    def _trim(batch: dict[str, np.ndarray], s: Shape) -> dict[str, np.ndarray]:
+    def _bucketed(batch: dict[str, np.ndarray], task_shapes: np.ndarray) -> dict[str, np.ndarray]:
+        """Each task's rows cut to its shape (``task_shapes``); tasks of the same shape form one row group."""
+        task = batch["decoder_task_ids"][:, 0]
+        enc_len, dec_len = real_lengths(batch)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for t in np.flatnonzero(task_shapes[:, 0]):
+            by_shape.setdefault((int(task_shapes[t, 1]), int(task_shapes[t, 2])), []).append(int(t))
         out = {}
-        for k, v in batch.items():
-            v = v[:, : s.enc] if k.startswith("encoder_") else v[:, : s.dec]
-            if v.shape[0] < s.rows:
-                v = np.concatenate([v, np.zeros((s.rows - v.shape[0],) + v.shape[1:], v.dtype)])
-            out[k] = v
+        for g, ((e, d), tasks) in enumerate(sorted(by_shape.items(), key=lambda kv: kv[1])):
+            rows = int(sum(task_shapes[t, 0] for t in tasks))
+            keep = np.isin(task, tasks) & ((enc_len > 0) | (dec_len > 0))
+            for k, v in batch.items():
+                v = v[keep][:, :e] if k.startswith("encoder_") else v[keep][:, :d]
+                pad = np.zeros((rows - v.shape[0],) + v.shape[1:], v.dtype)
+                out[group_prefix(g) + k] = np.concatenate([v, pad])
         return out
 
     @staticmethod

@@ -109,7 +109,7 @@ def recipe_batch(
 
     ``samples`` batches are read; the one with the median count of real tokens stands for the run. ``full``: rows
     of the configured lengths with every token real (no data read). Returns the batch, the real encoder and
-    decoder lengths, and every sampled batch's (rows, encoder length, decoder length).
+    decoder lengths, and the (rows, encoder length, decoder length) of every sampled batch's row groups.
     """
     import numpy as np
 
@@ -129,8 +129,9 @@ def recipe_batch(
     raw = [next(it) for _ in range(samples)]
     packed = [repack(b) for b in raw]
     shapes = [
-        (b["encoder_input_tokens"].shape[0], b["encoder_input_tokens"].shape[1], b["decoder_target_tokens"].shape[1])
+        (g["encoder_input_tokens"].shape[0], g["encoder_input_tokens"].shape[1], g["decoder_target_tokens"].shape[1])
         for b in packed
+        for g in batching.row_groups(b)
     ]
     real = [sum(int(x.sum()) for x in batching.real_lengths(b)) for b in raw]
     pick = sorted(range(samples), key=lambda i: (real[i], i))[samples // 2]  # the same batch whatever the recipe
@@ -241,17 +242,19 @@ def plan(
     hbm = chip["hbm_gib"] * GIB * t["chips"] / n_dev  # v4/v5p expose each TensorCore as a device
     peak, hbm_bw = chip["peak_flops"] * t["chips"] / n_dev, chip["hbm_bytes_per_s"] * t["chips"] / n_dev
     counted = flops.model_flops(t["cfg"], enc_len, dec_len)
-    rows, enc, dec = arrays["encoder_input_tokens"].shape + arrays["decoder_target_tokens"].shape[1:]
+    step_shape = [
+        [*g["encoder_input_tokens"].shape, g["decoder_target_tokens"].shape[1]] for g in batching.row_groups(arrays)
+    ]  # one [rows, encoder, decoder] per row group (bucketed steps: label and rationale rows)
     row: dict[str, Any] = {
         "model": model, "topology": topology, "jax_topology": t["jax_name"], "chips": t["chips"], "devices": n_dev,
         "mesh": dict(t["mesh"].shape), "batch": batch, "inputs_length": inputs_length, "targets_length": targets_length,
-        "recipe": recipe, "step_shape": [rows, enc, dec], "sampled_step_shapes": shapes, **options,
+        "recipe": recipe, "step_shape": step_shape[0] if len(step_shape) == 1 else step_shape, "sampled_step_shapes": shapes, **options,
         "hbm_gib_per_device": round(hbm / GIB, 2),
         "params_gib_per_device": round(_bytes_per_device(t["layout"].abstract.params, t["layout"].shardings.params) / GIB, 6),
         "optimizer_state_gib_per_device": round(
             _bytes_per_device(t["layout"].abstract.opt_state, t["layout"].shardings.opt_state) / GIB, 6
         ),
-        "real_tokens_per_step": int(counted["tokens"]), "computed_tokens_per_step": int(rows * (enc + dec)),
+        "real_tokens_per_step": int(counted["tokens"]), "computed_tokens_per_step": batching.computed_tokens(arrays),
         "model_flops_per_step_per_device": counted["total"] / n_dev,
         "model_attention_flops_per_step_per_device": counted["attention"] / n_dev,
     }  # fmt: skip

@@ -20,7 +20,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
-from dss_jax import losses, partitioning
+from dss_jax import batching, losses, partitioning
 from dss_jax.losses import LABEL_TASK_ID as LABEL
 from dss_jax.losses import RATIONALE_TASK_ID as RATIONALE
 from dss_jax.model import ModelConfig, build
@@ -134,6 +134,43 @@ def _sequence_counts(batch: Batch) -> dict[str, jax.Array]:
     }
 
 
+def _token_counts(batch: Batch) -> dict[str, jax.Array]:
+    return {
+        "target_tokens": jnp.sum(batch["decoder_loss_weights"] > 0).astype(jnp.float32),  # whatever their weight
+        "nonpad_input_tokens": jnp.sum(batch["encoder_input_tokens"] != 0).astype(jnp.float32),
+        **_sequence_counts(batch),
+    }
+
+
+def _sum_dicts(ds: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    return {k: functools.reduce(jnp.add, [d[k] for d in ds]) for k in ds[0]}
+
+
+def _groups_loss(
+    model: nn.Module,
+    loss_cfg: losses.LossConfig,
+    counts: dict[str, jax.Array],
+    params: Any,
+    groups: list[Batch],
+    rng: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The step's objective over its row groups (``batching.row_groups``), and its per-task loss sums.
+
+    ``counts`` are the whole batch's token counts, so the groups' (and microbatches') losses add up to the
+    batch's. Each group is one forward pass at its own shape (bucketed steps: label and rationale rows).
+    """
+    total, sums = [], []
+    for i, g in enumerate(groups):
+        logits = _forward(model, params, g, False, rng if i == 0 else jax.random.fold_in(rng, i))
+        tl = losses.token_losses(logits, g["decoder_target_tokens"], loss_cfg.label_smoothing, loss_cfg.z_loss)
+        w = g["decoder_loss_weights"].astype(jnp.float32)
+        total.append(losses.weighted_loss(tl, w, g["decoder_task_ids"], counts, loss_cfg))
+        if loss_cfg.label_smoothing or loss_cfg.z_loss:
+            tl = losses.token_losses(logits, g["decoder_target_tokens"])
+        sums.append(_task_sums(tl, w, g["decoder_task_ids"]))
+    return functools.reduce(jnp.add, total), _sum_dicts(sums)
+
+
 def _strided_split(x: jax.Array, k: int, sharding: NamedSharding | None) -> jax.Array:
     """[B, ...] -> [k, B/k, ...] with slice i = rows i, i + k, ...: a device's rows stay on that device."""
     y = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
@@ -159,7 +196,8 @@ def train_step(
 
     Microbatch i is rows i, i + k, i + 2k, ... of the batch: every device's contiguous shard holds rows of
     every microbatch, so each microbatch runs on all devices with 1/k of their rows (no gather of the batch).
-    ``batch_sharding`` pins each slice to the batch's sharding.
+    ``batch_sharding`` pins each slice to the batch's sharding. A bucketed batch holds several groups of rows, each
+    of its own shape (``batching.row_groups``): one forward pass per group, one loss over all.
 
     ``metrics["nonfinite"]`` flags a step whose loss, gradient norm or updated parameters are not finite (see
     ``nonfinite_flags``), so the loop can stop before such a state is saved; with ``skip_nonfinite`` that update
@@ -167,25 +205,14 @@ def train_step(
     """
     model = build(cfg)
     rng = jax.random.fold_in(seed_key, state.step)
-    w = batch["decoder_loss_weights"].astype(jnp.float32)
-    tids = batch["decoder_task_ids"]
-    counts = losses.task_token_counts(w, tids)
-
-    def loss_fn(params: Any, mb: Batch, mb_rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logits = _forward(model, params, mb, False, mb_rng)
-        tl = losses.token_losses(logits, mb["decoder_target_tokens"], loss_cfg.label_smoothing, loss_cfg.z_loss)
-        mw = mb["decoder_loss_weights"].astype(jnp.float32)
-        loss = losses.weighted_loss(tl, mw, mb["decoder_task_ids"], counts, loss_cfg)
-        plain = (
-            tl if not (loss_cfg.label_smoothing or loss_cfg.z_loss) else losses.token_losses(logits, mb["decoder_target_tokens"])
-        )
-        return loss, _task_sums(plain, mw, mb["decoder_task_ids"])
-
+    groups = batching.row_groups(batch)
+    counts = _sum_dicts([losses.task_token_counts(g["decoder_loss_weights"], g["decoder_task_ids"]) for g in groups])
+    loss_fn = functools.partial(_groups_loss, model, loss_cfg, counts)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, rng)
+        (loss, aux), grads = grad_fn(state.params, groups, rng)
     else:
-        mbs = jax.tree.map(functools.partial(_strided_split, k=microbatches, sharding=batch_sharding), batch)
+        mbs = jax.tree.map(functools.partial(_strided_split, k=microbatches, sharding=batch_sharding), groups)
 
         def body(carry: tuple, xs: tuple) -> tuple:
             g_acc, l_acc, a_acc = carry
@@ -213,9 +240,7 @@ def train_step(
         "rationale_loss": aux["rationale_loss_sum"] / jnp.maximum(counts["rationale"], 1.0),
         "grad_norm": grad_norm,
         "nonfinite": flags,
-        "target_tokens": jnp.sum(w > 0).astype(jnp.float32),  # tokens, whatever their loss weight
-        "nonpad_input_tokens": jnp.sum(batch["encoder_input_tokens"] != 0).astype(jnp.float32),
-        **_sequence_counts(batch),
+        **_sum_dicts([_token_counts(g) for g in groups]),
     }
     return TrainState(state.step + 1, params, opt_state), metrics
 

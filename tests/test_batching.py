@@ -27,8 +27,12 @@ def padded_batches(toy_jsonl, tmp_path_factory):
     return [next(it) for _ in range(4)], data
 
 
-def _pairs(b):
+def _pairs(batch):
     """The multiset of (encoder tokens, target tokens, task) of a batch's real sequences, packed or not."""
+    return sum((_group_pairs(g) for g in batching.row_groups(batch)), collections.Counter())
+
+
+def _group_pairs(b):
     out = []
     enc_seg = b.get("encoder_segment_ids", (b["encoder_input_tokens"] != 0).astype(np.int32))
     dec_seg = b.get("decoder_segment_ids", (b["decoder_loss_weights"] > 0).astype(np.int32))
@@ -44,18 +48,27 @@ def _pairs(b):
 def test_same_examples_fewer_tokens_and_few_shapes(padded_batches, mode):
     batches, _ = padded_batches
     rp = batching.Repacker(mode, 64, 48, rows_multiple=4, rows_bucket=4)
-    shapes = set()
+    shapes, computed = set(), 0
     for b in batches:
         out = rp(b)
+        computed += batching.computed_tokens(out)
         assert _pairs(out) == _pairs(b)
-        n = out["encoder_input_tokens"].shape[0]
-        shapes.add((n, out["encoder_input_tokens"].shape[1], out["decoder_target_tokens"].shape[1]))
-        assert n % 4 == 0 and out["encoder_input_tokens"].shape[1] in batching.LENGTH_BUCKETS
-        if mode == "packed":
-            assert n < 16  # several sequences per row
+        groups = batching.row_groups(out)
+        assert sum(len(g) for g in groups) == len(out)
+        for g in groups:
+            n, enc, dec = g["encoder_input_tokens"].shape + g["decoder_target_tokens"].shape[1:]
+            shapes.add((n, enc, dec))
+            assert n % 4 == 0 and enc in (batching.BUCKETED_LENGTHS if mode == "bucketed" else batching.LENGTH_BUCKETS)
+        if mode == "bucketed":  # label rows, then rationale rows with their longer targets
+            assert [set(np.unique(g["decoder_task_ids"][:, 0])) - {0} for g in groups] == [{1}, {2}]
+            assert groups[0]["decoder_target_tokens"].shape[1] < groups[1]["decoder_target_tokens"].shape[1]
+        else:
+            assert len(groups) == 1 and n < 16  # several sequences per row
             assert out["encoder_positions"].max() < out["encoder_input_tokens"].shape[1]
     s = rp.stats()
-    assert s["real_tokens"] <= s["computed_tokens"] < s["padded_tokens"] * (0.6 if mode == "bucketed" else 0.35)
+    assert s["real_tokens"] <= s["computed_tokens"] == computed
+    assert s["computed_tokens"] < s["padded_tokens"] * (0.5 if mode == "bucketed" else 0.35)
+    assert len(shapes) <= 2 * len(batches)
 
 
 def _cfg():
@@ -63,8 +76,9 @@ def _cfg():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["bucketed", "packed"])
-def test_repacked_step_equals_the_padded_step(padded_batches, mode):
+@pytest.mark.parametrize("mode,microbatches", [("bucketed", 1), ("bucketed", 2), ("packed", 1)])
+def test_repacked_step_equals_the_padded_step(padded_batches, mode, microbatches):
+    """Also with bucketed row groups (label and rationale rows at their own lengths) split into microbatches."""
     jax.config.update("jax_default_matmul_precision", "highest")
     batches, _ = padded_batches
     cfg = _cfg()
@@ -75,10 +89,10 @@ def test_repacked_step_equals_the_padded_step(padded_batches, mode):
     state0 = trainer.init_state(cfg, tx, layout, seed=0)
     step = jax.jit(
         lambda s, b: trainer.train_step(
-            s, b, cfg=cfg, tx=tx, loss_cfg=losses.LossConfig(), microbatches=1, seed_key=jax.random.PRNGKey(0)
+            s, b, cfg=cfg, tx=tx, loss_cfg=losses.LossConfig(), microbatches=microbatches, seed_key=jax.random.PRNGKey(0)
         )
     )
-    rp = batching.Repacker(mode, 64, 48, rows_multiple=1, rows_bucket=2)
+    rp = batching.Repacker(mode, 64, 48, rows_multiple=microbatches, rows_bucket=2)
     for b in batches[:2]:
         s1, m1 = step(state0, b)
         s2, m2 = step(state0, rp(b))
