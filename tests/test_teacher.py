@@ -464,6 +464,8 @@ def test_bad_inputs_give_one_line_errors_and_the_key_is_never_written(tmp_path, 
     _one_line_error(capsys, args(url, bad, out, prompt), f"{bad}:2: missing field(s) ['input']")
     bad.write_text('{"input": "a b", "label": 3}\n')
     _one_line_error(capsys, args(url, bad, out, prompt), f"{bad}:1: field 'label' must be a string")
+    bad.write_text('{"input": "a b"}\n{"input": "  "}\n')
+    _one_line_error(capsys, args(url, bad, out, prompt), f"{bad}:2: field 'input' is empty")
     _one_line_error(capsys, args(url, tmp_path / "nope.jsonl", out, prompt), "nope.jsonl: no such file")
     broken = tmp_path / "p.json"
     broken.write_text(json.dumps({**PROMPT, "query": "no placeholder"}))

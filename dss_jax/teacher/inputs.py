@@ -25,12 +25,7 @@ def read_inputs(path: str | os.PathLike) -> list[TeacherInput]:
     if not path.exists():
         raise TeacherError(f"{path}: no such file")
     out = []
-    for lineno, row in readers.read_jsonl_lines(path, ("input",)):
-        for key in ("input", "label", "input_b"):
-            if key in row and not isinstance(row[key], str):
-                raise readers.DataFormatError(f"{path}:{lineno}: field {key!r} must be a string, got {type(row[key]).__name__}")
-        if not row["input"].strip():
-            raise readers.DataFormatError(f"{path}:{lineno}: field 'input' is empty")
+    for lineno, row in readers.read_jsonl_lines(path, ("input",), strings=("input", "label", "input_b"), nonempty=("input",)):
         rid = row.get("id")
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
             raise readers.DataFormatError(f"{path}:{lineno}: field 'id' must be a string or an integer")
