@@ -129,11 +129,12 @@ class Repacker:
         """Bucketed: [MAX_TASK_ID + 1, 3] (rows, encoder, decoder length) per task id; zeros for absent tasks."""
         enc_len, dec_len = real_lengths(batch)
         task = batch["decoder_task_ids"][:, 0]
+        real = (enc_len > 0) | (dec_len > 0)  # all-padding rows (a short last batch) are dropped
         out = np.zeros((MAX_TASK_ID + 1, 3), np.int64)
-        for t in np.unique(task[(enc_len > 0) | (dec_len > 0)]):  # all-padding rows (a short last batch) are dropped
+        for t in np.unique(task[real]):
             if not 0 <= t <= MAX_TASK_ID:
                 raise ValueError(f"decoder_task_ids holds task id {t}; bucketed batching groups ids 0..{MAX_TASK_ID}")
-            m = (task == t) & ((enc_len > 0) | (dec_len > 0))
+            m = (task == t) & real
             e = bucket(int(enc_len[m].max(initial=1)), self.inputs_length, BUCKETED_LENGTHS)
             d = bucket(int(dec_len[m].max(initial=1)), self.targets_length, BUCKETED_LENGTHS)
             out[t] = (round_up(int(m.sum()), self.rows_multiple), e, d)
@@ -165,7 +166,7 @@ class Repacker:
         self.real_tokens += int(enc_len.sum() + dec_len.sum())
         self.at_length_limit += int(np.sum((enc_len >= self.inputs_length) | (dec_len >= self.targets_length)))
         if self.mode == "bucketed":
-            out = self._bucketed(batch, self._agree(self.task_shapes(batch)))
+            out = self._bucketed(batch, self._agree(self.task_shapes(batch)), (enc_len > 0) | (dec_len > 0))
         else:
             shape, rows = self._best_packing(enc_len, dec_len)
             agreed = self._agree(np.array([[shape.rows, shape.enc, shape.dec]]))[0]
@@ -188,17 +189,17 @@ class Repacker:
         return gathered.reshape((-1,) + shapes.shape).max(0)
 
     @staticmethod
-    def _bucketed(batch: dict[str, np.ndarray], task_shapes: np.ndarray) -> dict[str, np.ndarray]:
-        """Each task's rows cut to its shape (``task_shapes``); tasks of the same shape form one row group."""
+    def _bucketed(batch: dict[str, np.ndarray], task_shapes: np.ndarray, real: np.ndarray) -> dict[str, np.ndarray]:
+        """Each task's ``real`` (not all-padding) rows cut to its shape (``task_shapes``); tasks of the same shape
+        form one row group."""
         task = batch["decoder_task_ids"][:, 0]
-        enc_len, dec_len = real_lengths(batch)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for t in np.flatnonzero(task_shapes[:, 0]):
             by_shape.setdefault((int(task_shapes[t, 1]), int(task_shapes[t, 2])), []).append(int(t))
         out = {}
         for g, ((e, d), tasks) in enumerate(sorted(by_shape.items(), key=lambda kv: kv[1])):
             rows = int(sum(task_shapes[t, 0] for t in tasks))
-            keep = np.isin(task, tasks) & ((enc_len > 0) | (dec_len > 0))
+            keep = np.isin(task, tasks) & real
             for k, v in batch.items():
                 v = v[keep][:, :e] if k.startswith("encoder_") else v[keep][:, :d]
                 pad = np.zeros((rows - v.shape[0],) + v.shape[1:], v.dtype)
