@@ -212,7 +212,9 @@ def cached_cross_kv(mdl: nn.Module, decode: bool, project: Callable[[], tuple[Ar
     """The encoder's keys and values from ``project``; when decoding, projected once, on the call that creates
     the cache, and read from it at every later step (no projection).
 
-    Stored [batch, heads, length, kv], the layout the per-head dots read, so no step re-lays them out.
+    Stored [batch, heads, length, kv], the layout the per-head dots read, so no step re-lays them out. The
+    optimization barrier keeps XLA from cancelling the stored transpose against the read's and moving it into the
+    decode loop, where it would copy every layer's keys and values at every step.
     """
     if decode and mdl.has_variable("cache", "cross_key"):
         return jnp.swapaxes(mdl.get_variable("cache", "cross_key"), 1, 2), jnp.swapaxes(
@@ -220,8 +222,9 @@ def cached_cross_kv(mdl: nn.Module, decode: bool, project: Callable[[], tuple[Ar
         )
     k, v = project()
     if decode:
-        mdl.put_variable("cache", "cross_key", jnp.swapaxes(k, 1, 2))
-        mdl.put_variable("cache", "cross_value", jnp.swapaxes(v, 1, 2))
+        kt, vt = jax.lax.optimization_barrier((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
+        mdl.put_variable("cache", "cross_key", kt)
+        mdl.put_variable("cache", "cross_value", vt)
     return k, v
 
 
@@ -257,9 +260,13 @@ def per_input_cross(
 def cached_self_kv(mdl: nn.Module, k: Array, v: Array, q_len: int, max_decode_length: int | None) -> tuple[Array, Array]:
     """Decoder self-attention's keys and values when decoding: the call that creates the cache
     (``max_decode_length`` slots) returns its own; each later step writes its one token's at the cache index
-    and returns the whole cache."""
+    and returns the whole cache.
+
+    Slots are stored [batch, heads, length, kv], the layout the per-head dots read: stored [batch, length, ...],
+    every step would re-lay out the whole cache of every layer before its dots.
+    """
     is_initialized = mdl.has_variable("cache", "cached_key")
-    shape = (k.shape[0], max_decode_length or k.shape[1]) + k.shape[2:]
+    shape = (k.shape[0], k.shape[2], max_decode_length or k.shape[1], k.shape[3])
     cached_key = mdl.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
     cached_value = mdl.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     cache_index = mdl.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
@@ -268,10 +275,11 @@ def cached_self_kv(mdl: nn.Module, k: Array, v: Array, q_len: int, max_decode_le
             raise ValueError(f"decode step expects one token per row, got length {q_len}")
         i = cache_index.value
         zero = jnp.array(0, dtype=jnp.int32)
-        k = jax.lax.dynamic_update_slice(cached_key.value, k, (zero, i, zero, zero))
-        v = jax.lax.dynamic_update_slice(cached_value.value, v, (zero, i, zero, zero))
-        cached_key.value, cached_value.value = k, v
+        kc = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(k, 1, 2), (zero, zero, i, zero))
+        vc = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(v, 1, 2), (zero, zero, i, zero))
+        cached_key.value, cached_value.value = kc, vc
         cache_index.value = i + 1
+        k, v = jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vc, 1, 2)
     return k, v
 
 

@@ -1,5 +1,7 @@
 """Cached decoding equals recomputing the prefix; beam search and sampling behave."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,34 @@ def test_cross_attention_kept_once_per_input_equals_once_per_beam(family):
         got, once = decoding._step(m, params, once, encoded, seg, cur, jnp.int32(i), length)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
         cur = jnp.argmax(got, -1).astype(jnp.int32)
+
+
+def _loop_bodies(hlo: str) -> str:
+    """The text of every while-loop body computation in an optimized HLO module."""
+    names = set(re.findall(r"while\(.*?body=%([\w.-]+)", hlo))
+    blocks = re.split(r"\n(?=\S)", hlo)
+    return "\n".join(b for b in blocks if b.lstrip("%").split(" ", 1)[0] in names)
+
+
+@pytest.mark.parametrize("family", ["t5", "t5gemma"])
+def test_decode_steps_read_the_caches_in_place(family):
+    """No decode step re-lays out a cache: the compiled loop holds no transpose or copy the size of a layer's
+    self-attention slots or cross-attention keys (each such copy would read and write the whole cache per step)."""
+    cfg = CFG if family == "t5" else tiny_gemma(family)
+    batch, enc_len, dec_len = 3, 20, 12
+    params = jax.eval_shape(lambda r: model.init_params(cfg, r), jax.random.PRNGKey(0))
+    ids = jax.ShapeDtypeStruct((batch, enc_len), jnp.int32)
+    body = _loop_bodies(decoding.decode.lower(params, ids, cfg, dec_len).compile().as_text())
+    assert "fusion(" in body  # the loop body was found
+    heads, d = (CFG.num_heads, CFG.d_kv) if family == "t5" else (cfg.decoder.num_key_value_heads, cfg.decoder.head_dim)
+    sizes = {batch * heads * n * d for n in (enc_len, dec_len)}
+    relaid = []
+    for line in body.splitlines():
+        m = re.match(r"\s*%(\S+) = \w+\[([\d,]*)\]\S* (\w[\w-]*)\(", line)
+        if m and ("transpose" in m[1] or m[3] in ("transpose", "copy")) and m[2]:
+            if int(np.prod([int(x) for x in m[2].split(",")])) in sizes:
+                relaid.append(line.strip()[:120])
+    assert not relaid, relaid
 
 
 def test_rows_stop_at_their_eos():
