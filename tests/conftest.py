@@ -7,8 +7,7 @@ import os
 # Tests check what the programs compute, not how fast: LLVM's optimization level 0 cuts XLA:CPU compile time ~45%
 # (the suite compiles thousands of small programs once each) and changes no HLO pass and no float semantics (no
 # fast math either way); bitwise tests compare runs under the same flags. Benchmarks and users keep the default.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -87,7 +86,9 @@ def xla_env(devices: int) -> dict:
     """The environment for a CLI subprocess with ``devices`` simulated CPU devices."""
     import os
 
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"}
+    count = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]  # the tests' own flags
+    return {**os.environ, "XLA_FLAGS": " ".join([f"{count}={devices}", *flags])}
 
 
 TOY_GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
