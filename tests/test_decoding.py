@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from factories import small_t5, tiny_gemma
 
-from dss_jax import convert, decoding, model
+from dss_jax import convert, decoding, flops, model
 
 CFG = small_t5(vocab_size=40, relative_attention_num_buckets=8, relative_attention_max_distance=16)
 
@@ -55,11 +55,11 @@ def test_cross_attention_kept_once_per_input_equals_once_per_beam(family):
         cur = jnp.argmax(got, -1).astype(jnp.int32)
 
 
-def _loop_bodies(hlo: str) -> str:
-    """The text of every while-loop body computation in an optimized HLO module."""
-    names = set(re.findall(r"while\(.*?body=%([\w.-]+)", hlo))
-    blocks = re.split(r"\n(?=\S)", hlo)
-    return "\n".join(b for b in blocks if b.lstrip("%").split(" ", 1)[0] in names)
+def _loop_instructions(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> right-hand side, over every while-loop body of an optimized HLO module."""
+    hlo = flops.Hlo.parse(hlo_text)
+    bodies = {m[3] for lines in hlo.comps.values() for line in lines if (m := flops._WHILE.search(line))}
+    return {name: rhs for body in bodies for name, rhs in hlo.defs(body).items()}
 
 
 @pytest.mark.parametrize("family", ["t5", "t5gemma"])
@@ -70,16 +70,16 @@ def test_decode_steps_read_the_caches_in_place(family):
     batch, enc_len, dec_len = 3, 20, 12
     params = jax.eval_shape(lambda r: model.init_params(cfg, r), jax.random.PRNGKey(0))
     ids = jax.ShapeDtypeStruct((batch, enc_len), jnp.int32)
-    body = _loop_bodies(decoding.decode.lower(params, ids, cfg, dec_len).compile().as_text())
-    assert "fusion(" in body  # the loop body was found
-    heads, d = (CFG.num_heads, CFG.d_kv) if family == "t5" else (cfg.decoder.num_key_value_heads, cfg.decoder.head_dim)
+    body = _loop_instructions(decoding.decode.lower(params, ids, cfg, dec_len).compile().as_text())
+    assert any(flops._opcode(rhs) == "fusion" for rhs in body.values())  # the loop body was found
+    heads, d = (cfg.num_heads, cfg.d_kv) if family == "t5" else (cfg.decoder.num_key_value_heads, cfg.decoder.head_dim)
     sizes = {batch * heads * n * d for n in (enc_len, dec_len)}
     relaid = []
-    for line in body.splitlines():
-        m = re.match(r"\s*%(\S+) = \w+\[([\d,]*)\]\S* (\w[\w-]*)\(", line)
-        if m and ("transpose" in m[1] or m[3] in ("transpose", "copy")) and m[2]:
-            if int(np.prod([int(x) for x in m[2].split(",")])) in sizes:
-                relaid.append(line.strip()[:120])
+    for name, rhs in body.items():
+        shape = re.match(r"\w+\[([\d,]+)\]", rhs)
+        if shape and ("transpose" in name or flops._opcode(rhs) in ("transpose", "copy")):
+            if int(np.prod([int(x) for x in shape[1].split(",")])) in sizes:
+                relaid.append(f"{name} = {rhs[:100]}")
     assert not relaid, relaid
 
 
