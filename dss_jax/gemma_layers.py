@@ -15,7 +15,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dss_jax import attention as attn
-from dss_jax.model import Dense, _constrain, _dtype, _remat, cached_cross_kv, cached_self_kv, named_param, per_input_cross
+from dss_jax.model import (
+    Dense,
+    _constrain,
+    _dtype,
+    _remat,
+    cached_cross_kv,
+    cached_self_kv,
+    named_param,
+    per_input_cross,
+    token_matmul,
+)
 
 if TYPE_CHECKING:
     from dss_jax.gemma import GemmaConfig, GemmaStack
@@ -90,7 +100,7 @@ class GemmaEmbed(nn.Module):
         return x
 
     def attend(self, x: Array) -> Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+        return token_matmul(x.astype(self.dtype), self.embedding.astype(self.dtype), "nd,vd->nv")
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float, dtype: Any, factor: float = 1.0) -> tuple[Array, Array]:

@@ -174,6 +174,15 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+def token_matmul(x: Array, w: Array, spec: str) -> Array:
+    """``x[..., d]`` times a 2-D weight over ``d`` (``spec``: ``"nd,df->nf"`` or ``"nd,vd->nv"``), with the leading
+    axes folded into one token axis. The weight gradient then contracts one axis, which XLA:CPU's matmul reads in
+    place; contracting (batch, length) makes it copy both operands to [features, tokens] first
+    (docs/performance.md). A fold of leading axes is free on every backend."""
+    y = jnp.einsum(spec, x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(x.shape[:-1] + y.shape[-1:])
+
+
 class Dense(nn.Module):
     """A bias-free dense layer with a named, logically partitioned kernel."""
 
@@ -187,7 +196,7 @@ class Dense(nn.Module):
     def __call__(self, x: Array) -> Array:
         init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
         kernel = named_param(self, "kernel", init, self.kernel_axes, (x.shape[-1], self.features), self.param_dtype)
-        return jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+        return token_matmul(x.astype(self.dtype), kernel.astype(self.dtype), "nd,df->nf")
 
 
 class RelativePositionBias(nn.Module):
@@ -594,7 +603,7 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+        return token_matmul(x.astype(self.dtype), self.embedding.astype(self.dtype), "nd,vd->nv")
 
 
 class EncoderDecoder(nn.Module):

@@ -42,6 +42,21 @@ def hf_t5(gated: bool, enc_layers: int = 2, dec_layers: int = 2, vocab: int = 10
     return model
 
 
+def write_data_subset(dest: Path, benchmark: str, lines: int) -> Path:
+    """A data dir in the released layout holding the first ``lines`` gold lines of each of ``benchmark``'s splits
+    with their teacher completions (``lines`` at most the benchmark's teacher batch size): a run on it trains,
+    evaluates and decodes whole splits in seconds. Returns ``dest``."""
+    import json
+
+    src, out = SHARED_DATA / benchmark, dest / benchmark
+    (out / "llm").mkdir(parents=True, exist_ok=True)
+    for gold in src.glob(f"{benchmark}_*.json"):
+        (out / gold.name).write_text("".join(gold.read_text().splitlines(keepends=True)[:lines]))
+    for batch in src.glob("llm/*_CoT_0.json"):
+        (out / "llm" / batch.name).write_text(json.dumps(json.loads(batch.read_text())[:lines]))
+    return dest
+
+
 @pytest.fixture
 def hf_dir_factory(tmp_path):
     """Writes a small HF model directory the way transformers does and returns (path, model)."""

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, foreign_log_lines, xla_env
+from conftest import SHARED_DATA, foreign_log_lines, write_data_subset, xla_env
 from factories import tiny_t5
 
 from dss_jax import decoding, evaluators
@@ -73,7 +73,8 @@ def test_candidate_labels_per_benchmark():
 def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
     """A short CQA run with the in-loop option reports rank accuracy per split; dss-eval's flag reproduces the
     validation number from the same checkpoint, and every ranked prediction is one of the input's choices."""
-    env = {**xla_env(1), "DSS_DATA_DIR": str(SHARED_DATA), "DSS_TFDS_DIR": os.environ.get("DSS_TFDS_DIR", str(tmp_path / "tfds"))}
+    data = write_data_subset(tmp_path / "data", "cqa", 200)  # the end-of-run table scores whole splits: 20 and 200
+    env = {**xla_env(1), "DSS_DATA_DIR": str(data), "DSS_TFDS_DIR": os.environ.get("DSS_TFDS_DIR", str(tmp_path / "tfds"))}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it: TensorFlow's C++ warnings are not silenced
     model_dir = tmp_path / "cqa"
     train = [
@@ -89,7 +90,7 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
         "--gin.train.train.report_train_examples=64",
         "--gin.pipeline.SeqioData.max_eval_examples=64",
         "--gin.pipeline.SeqioData.rank_classification=True",
-        "--gin.pipeline.SeqioData.targets_length=16",  # CQA's labels fit; the final table decodes two whole splits
+        "--gin.pipeline.SeqioData.targets_length=16",  # CQA's labels fit
     ]
     r = subprocess.run(train, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
