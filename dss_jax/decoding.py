@@ -287,6 +287,7 @@ def beam_search(
     return seqs, scores
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, config: ModelConfig) -> Array:
     """Teacher-forced log probability of each row of ``tokens`` (through its EOS), for tests and rescoring."""
     model = build(config)

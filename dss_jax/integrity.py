@@ -204,16 +204,25 @@ def stored_leaf_shapes(state_dir: str | os.PathLike) -> list[tuple[int, ...]]:
     return [tuple(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))]
 
 
+def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of a collected read task whose TensorStore error nobody retrieved."""
+    exc = record.exc_info[1] if record.exc_info else None
+    unretrieved = record.getMessage().startswith("Task exception was never retrieved")
+    return not (unretrieved and exc is not None and "tensorstore_spec" in str(exc))
+
+
 def _quiet_abandoned_reads() -> None:
     """When one TensorStore read fails, Orbax stops waiting for the sibling reads in flight, and each of those later
     prints a traceback through sys.unraisablehook, after the damage was already reported: "RuntimeError: Event loop
     is closed" (TensorStore's callback into the closed loop), or "Exception ignored in: <coroutine ...
     _read_array_index_and_device_put>" (the abandoned read coroutine, finalized by the garbage collector, turns the
     GeneratorExit thrown into it into "Encountered error while reading array index ..." with a TensorStore spec).
+    A sibling read task that failed too is logged by asyncio ("Task exception was never retrieved") when collected.
     Drop exactly those, so the damage is reported once, by name."""
     prev = sys.unraisablehook
     if getattr(prev, "dss_quiet", False):
         return
+    logging.getLogger("asyncio").addFilter(_unretrieved_tensorstore_error)
 
     def hook(u: Any) -> None:
         exc = u.exc_value

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,20 @@ def truncate_metrics(path: Path, resumed_step: int) -> None:
     atomic_write(path, "".join(keep))
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter. Its module imports torch where torch is installed, only to accept torch tensors
+    (2-4 s per process); dss_jax writes floats, so torch is kept out while it loads unless something imported it."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError, which it catches
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """metrics.jsonl (strict JSON, each step once) and TensorBoard, from process 0 only."""
 
@@ -91,8 +106,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         truncate_metrics(model_dir / "metrics.jsonl", resumed_step)
         self.jsonl = open(model_dir / "metrics.jsonl", "a", encoding="utf-8")
         # purge_step: TensorBoard drops the events the earlier run wrote after the resumed step

@@ -702,7 +702,8 @@ def shift_right(targets: np.ndarray | Array, start_id: int = 0) -> Array:
 def init_params(config: ModelConfig, rng: Array, batch: int = 1, enc_len: int = 8, dec_len: int = 8) -> dict:
     """Initialises unboxed parameters (for tests and from-scratch training without a mesh)."""
     model = build(config)
-    variables = model.init(rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32))
+    init = jax.jit(model.init)  # one compile; eager flax would dispatch (and compile) the forward op by op
+    variables = init(rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32))
     return nn.meta.unbox(variables["params"])
 
 

@@ -26,6 +26,12 @@ from dss_jax import batching
 from dss_jax.batching import Repacker
 from dss_jax.tasks import metrics, preprocessors, readers, registry, sources
 
+# Traces without AutoGraph. Our preprocessors and seqio's reading, tokenizing and unpacked conversion are plain TF
+# ops, so AutoGraph's source-to-source conversion of every mapped function (and each function it calls) finds nothing
+# to rewrite, yet costs a toy dss-train run ~6 of its ~50 s. seqio's packing iterates over tensors in Python and keeps
+# AutoGraph. Python control flow on a tensor fails loudly without it, never silently.
+_plain_tf = tf.autograph.experimental.do_not_convert
+
 
 class DssEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     """seqio's EncDecFeatureConverter plus the per-token task id of every target token, and loss weights scaled
@@ -124,7 +130,7 @@ def get_dataset(
     converter = DssEncDecFeatureConverter(pack=pack)
     shard = seqio.ShardInfo(shard_id, num_shards)
     provider = seqio.get_mixture_or_task(name)
-    ds = provider.get_dataset(
+    ds = _plain_tf(provider.get_dataset)(
         lengths,
         split=split,
         shuffle=shuffle_examples,
@@ -134,7 +140,7 @@ def get_dataset(
         # part of a split: seqio's in-memory cache of small splits would be abandoned half-read (TensorFlow warns)
         try_in_mem_cache=not max_examples,
     )
-    ds = converter(ds, task_feature_lengths=lengths)
+    ds = (converter if pack else _plain_tf(converter))(ds, task_feature_lengths=lengths)
     ds = ds.take(max_examples) if max_examples else ds
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
 
@@ -156,7 +162,7 @@ def train_batches(
 def eval_examples(name: str, split: str) -> list[dict]:
     """The un-converted eval examples (text and tokens) of a task split, in order."""
     task = seqio.get_mixture_or_task(name)
-    ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1)
+    ds = _plain_tf(task.get_dataset)(None, split=split, shuffle=False, num_epochs=1)
     return list(ds.as_numpy_iterator())
 
 

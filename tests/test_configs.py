@@ -19,8 +19,11 @@ EXPECTED_M = {
 
 
 def count(cfg):
+    """Parameters of ``cfg``, traced with scanned layers (one layer traced; stacked, the counts are the same)."""
     shapes = jax.eval_shape(
-        lambda: model.T5(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))
+        lambda: model.T5(cfg.replace(scan_layers=True)).init(
+            jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
+        )
     )
     return model.count_params(shapes["params"])
 

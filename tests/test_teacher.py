@@ -229,7 +229,9 @@ def api_key(monkeypatch):
 def test_faults_are_survived_and_nothing_is_lost(tmp_path):
     inp = toy_inputs(tmp_path / "in.jsonl", 16)
     prompt = write_prompt(tmp_path)
-    fake = FakeLLM(faults=("429", "500", "slow", "truncated", None, None))
+    # slow_s well past the client's 0.5 s timeout: on a loaded machine its timer may fire late, and a slow answer it
+    # accepted is one the fake counts as never delivered
+    fake = FakeLLM(faults=("429", "500", "slow", "truncated", None, None), slow_s=3.0)
     out = tmp_path / "faulty" / "out.jsonl"
     t0 = time.monotonic()
     with serving(fake) as url:
