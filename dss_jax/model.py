@@ -699,11 +699,15 @@ def shift_right(targets: np.ndarray | Array, start_id: int = 0) -> Array:
     return jnp.concatenate([jnp.full_like(targets[:, :1], start_id), targets[:, :-1]], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "batch", "enc_len", "dec_len"))
+def _init_variables(config: ModelConfig, rng: Array, batch: int, enc_len: int, dec_len: int) -> Any:
+    """One compile per config and shape; eager flax would dispatch (and compile) the forward op by op."""
+    return build(config).init(rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32))
+
+
 def init_params(config: ModelConfig, rng: Array, batch: int = 1, enc_len: int = 8, dec_len: int = 8) -> dict:
     """Initialises unboxed parameters (for tests and from-scratch training without a mesh)."""
-    model = build(config)
-    init = jax.jit(model.init)  # one compile; eager flax would dispatch (and compile) the forward op by op
-    variables = init(rng, jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32))
+    variables = _init_variables(config, rng, batch=batch, enc_len=enc_len, dec_len=dec_len)
     return nn.meta.unbox(variables["params"])
 
 

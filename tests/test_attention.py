@@ -84,14 +84,14 @@ def test_blockwise_equals_dense_forward_and_gradients(name, blocks):
         return dense_reference(q, k, v, t[0] if t else None, bias, q_pos, k_pos, q_seg, k_seg)
 
     args = (q, k, v) + ((table,) if table is not None else ())
-    _assert_forward_and_grads_equal(ours, ref, args, valid_q, np.random.default_rng(0).normal(size=q.shape))
+    _assert_forward_and_grads_equal(ours, ref, args, valid_q)
 
 
-def _assert_forward_and_grads_equal(ours, ref, args, valid_q, w=None):
+def _assert_forward_and_grads_equal(ours, ref, args, valid_q):
     """Outputs on real queries within 1e-5; gradients wrt every argument within 1e-4 (float32). Each side runs
     jitted (eager, the dense reference and its gradient dispatch op by op, several seconds a test)."""
     np.testing.assert_allclose(jnp.where(valid_q, jax.jit(ours)(*args), 0), jnp.where(valid_q, jax.jit(ref)(*args), 0), atol=1e-5)
-    w = jnp.asarray(np.random.default_rng(7).normal(size=args[0].shape) if w is None else w, jnp.float32) * valid_q
+    w = jnp.asarray(np.random.default_rng(7).normal(size=args[0].shape), jnp.float32) * valid_q
 
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a) * w)
