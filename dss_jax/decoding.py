@@ -184,15 +184,19 @@ def decode_rows(
     return jax.lax.while_loop(cond, body, state)[2]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config: ModelConfig, params: Any, encoder_input_tokens: Array, decoder_input_tokens: Array) -> Array:
+    """Teacher-forced logits, compiled once per config and shape."""
+    return cast(Array, build(config).apply({"params": params}, encoder_input_tokens, decoder_input_tokens))
+
+
 def greedy_decode_reference(params: Any, encoder_input_tokens: Array, config: ModelConfig, max_decode_length: int) -> Array:
     """Greedy decoding that re-runs the full teacher-forced model on the whole prefix at every step."""
-    model = build(config)
-    apply = jax.jit(lambda p, e, d: model.apply({"params": p}, e, d))
     batch = encoder_input_tokens.shape[0]
     tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
     done = jnp.zeros((batch,), bool)
     for i in range(max_decode_length):
-        logits = apply(params, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
+        logits = _forward(config, params, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
         nxt = jnp.where(done, 0, jnp.argmax(logits[:, i], axis=-1)).astype(jnp.int32)
         tokens = tokens.at[:, i].set(nxt)
         done = done | (nxt == config.eos_token_id)

@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,11 +205,15 @@ def stored_leaf_shapes(state_dir: str | os.PathLike) -> list[tuple[int, ...]]:
     return [tuple(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))]
 
 
+# TensorStore's read errors: a status code and "Error reading ..." (a damaged chunk), or Orbax's wrappers of them.
+_TENSORSTORE_ERROR = re.compile(r"^[A-Z_]+: Error (reading|opening)|^Encountered error while reading array|tensorstore_spec")
+
+
 def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
     """False (drop) for asyncio's report of a collected read task whose TensorStore error nobody retrieved."""
     exc = record.exc_info[1] if record.exc_info else None
     unretrieved = record.getMessage().startswith("Task exception was never retrieved")
-    return not (unretrieved and exc is not None and "tensorstore_spec" in str(exc))
+    return not (unretrieved and exc is not None and _TENSORSTORE_ERROR.search(str(exc)))
 
 
 def _quiet_abandoned_reads() -> None:

@@ -45,6 +45,7 @@ PLAN_DEFAULTS = {
     "remat": "full",
     "scan": True,
     "optimizer": "adamw",
+    "rng_impl": "threefry2x32",
     "dtype": "bfloat16",
     "microbatches": 1,
     "attention_block": 512,
@@ -162,7 +163,9 @@ def _compile_target(model: str, topology: str, mesh_args: tuple[int, int, int], 
     mesh = partitioning.make_mesh(mesh_cfg, devices)
     layout = trainer.state_layout(cfg, tx, mesh, mesh_cfg.rules)
     bsh = partitioning.batch_sharding(mesh, mesh_cfg.rules)
-    step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), options["microbatches"], 0, layout, bsh, mesh)
+    step = trainer.jit_train_step(
+        cfg, tx, losses.LossConfig(), options["microbatches"], 0, layout, bsh, mesh, rng_impl=options["rng_impl"]
+    )
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
     )
@@ -230,7 +233,7 @@ def plan(
     """Compiles the train step for ``topology`` at the ``recipe``'s step shape and reports memory and FLOPs per device.
 
     ``mesh_args``: (data, fsdp, model); ``data``: (benchmark, vocabulary path or None, batches sampled);
-    ``options``: remat, scan, optimizer, dtype, microbatches, attention_block (``PLAN_DEFAULTS``).
+    ``options``: remat, scan, optimizer, rng_impl, dtype, microbatches, attention_block (``PLAN_DEFAULTS``).
     """
     import jax
 
@@ -295,9 +298,13 @@ def apply_partitioning_gin(args: argparse.Namespace, name: str) -> None:
     args.no_scan = not bool(v[f"{cls}.scan_layers"])
     if "train.train.microbatches" in v:  # files whose model needs gradient accumulation to fit bind it too
         args.microbatches = int(v["train.train.microbatches"])
+    if "train.train.rng_impl" in v:
+        args.rng_impl = str(v["train.train.rng_impl"])
 
 
 def _parser() -> argparse.ArgumentParser:
+    from dss_jax.trainer import RNG_IMPLS
+
     p = argparse.ArgumentParser(prog="dss-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="gin/models name, e.g. t5_1_1_xxl")
     p.add_argument("--topology", required=True, nargs="+", help="e.g. v4-8 v4-64 v5e-16 v5p-32 or v5e:4x4")
@@ -322,12 +329,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="full", choices=["none", "full", "minimal"])
     p.add_argument("--no_scan", action="store_true", help="unroll layers (slower to compile)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
+    p.add_argument("--rng_impl", default="threefry2x32", choices=RNG_IMPLS, help="what draws dropout masks")
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation slices of the batch")
     p.add_argument("--attention_block", type=int, default=512, help="query/key block of the attention")
     p.add_argument(
         "--partitioning",
         default=None,
-        help="take the mesh, remat, scan and microbatches from gin/partitioning/NAME.gin (what a run with that file binds)",
+        help="take the mesh, remat, scan, microbatches and rng_impl from gin/partitioning/NAME.gin (what a run with that "
+        "file binds)",
     )
     p.add_argument("--json", action="store_true")
     return p
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, KeyError) as e:
             print(f"dss-plan: --partitioning {a.partitioning}: {e}", file=sys.stderr)
             return 2
-    options = dict(remat=a.remat, scan=not a.no_scan, optimizer=a.optimizer, microbatches=a.microbatches)
+    options = dict(remat=a.remat, scan=not a.no_scan, optimizer=a.optimizer, microbatches=a.microbatches, rng_impl=a.rng_impl)
     rows = []
     for topo in a.topology:
         try:

@@ -26,6 +26,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dss_jax import gin_utils
@@ -68,15 +69,19 @@ def load_spec(name: str) -> dict:
 
 
 def expand_grid(
-    root: Path, files: list[str], grid: list[str], spec: dict | None, only: list[str]
+    root: Path, files: list[str], grid: list[str], spec: dict | None, only: list[str], only_arms: Sequence[str] = ()
 ) -> list[tuple[Path, list[str], dict[str, str], str | None]]:
-    """(model dir, gin files, overrides, arm) per run; ``only`` keeps the runs whose overrides match."""
+    """(model dir, gin files, overrides, arm) per run; ``only`` keeps the runs whose overrides match, ``only_arms``
+    the spec's arms named (all when empty)."""
     keep = expand(only)[0] if only else {}
     if spec is None:
         arms: dict[str | None, list[str]] = {None: files}
         combos = expand(grid)
     else:
-        arms = {arm: [*arm_files, *files] for arm, arm_files in spec["arms"].items()}
+        unknown = sorted(set(only_arms) - set(spec["arms"]))
+        if unknown:
+            raise SystemExit(f"dss-sweep: --arms {','.join(unknown)}: not an arm of {spec['name']} ({', '.join(spec['arms'])})")
+        arms = {arm: [*arm_files, *files] for arm, arm_files in spec["arms"].items() if not only_arms or arm in only_arms}
         combos = expand([f"{k}={','.join(v)}" for k, v in spec["grid"].items()] + grid)
     runs = []
     for arm, arm_files in arms.items():
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", action="append", default=[], help="NAME=V1,V2,... (repeatable; the grid is their product)")
     p.add_argument("--spec", default=None, help="a sweep spec: a name in gin/sweeps/ (paper_t5_base, ...) or a .json path")
     p.add_argument("--only", action="append", default=[], help="NAME=VALUE: run only the combinations with this override")
+    p.add_argument("--arms", default="", help="A,B,...: run only these arms of --spec (e.g. dss,finetune)")
     p.add_argument("--launcher", default=None, help="print each run as this launcher's command instead of running it")
     p.add_argument("--print_only", action="store_true", help="print the dss-train commands, run nothing")
     a = p.parse_args(rest)
@@ -103,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     if not files and spec is None:
         p.error("--gin_file or --spec is required")
     root = Path(a.root)
-    runs = expand_grid(root, files, a.grid, spec, a.only)
+    if a.arms and spec is None:
+        p.error("--arms needs --spec")
+    runs = expand_grid(root, files, a.grid, spec, a.only, [x for x in a.arms.split(",") if x])
     if not runs:
         p.error(f"no run matches --only {' '.join(a.only)}")
     failures = 0

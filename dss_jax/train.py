@@ -83,6 +83,7 @@ def train(
     input_shards: int | None = None,
     report_train_examples: int = 1000,
     on_nonfinite: str = "stop",
+    rng_impl: str = "threefry2x32",
 ) -> dict[str, Any]:
     """Trains ``model_config`` on ``data`` with ``optimizer`` for ``num_steps`` steps of ``batch_size`` sequences.
 
@@ -90,10 +91,12 @@ def train(
     only) or from scratch; ``on_nonfinite`` stops the run at a non-finite step, or skips (and counts) its update.
     Returns the summary (``summary.json``): the checkpoint selected on validation scored on a train subset
     (``report_train_examples``), validation and test. ``input_shards``: training-data shards (default: processes).
+    ``rng_impl``: what draws the dropout masks (``trainer.RNG_IMPLS``).
     """
     model_dir_path = Path(model_dir).resolve()
     # the configuration is checked before the model dir is made or locked: a bad value leaves nothing behind
     train_setup.check_sizes(batch_size, microbatches, input_shards, on_nonfinite)
+    train_setup.check_rng_impl(rng_impl)
     train_setup.check_schedule(num_steps, eval_every, checkpoint_every, keep_checkpoints, log_every)
     train_setup.check_mesh(batch_size, mesh_config)
     gin_utils.check_bindings_read("dss-train", pending=CALLED_LATER)  # a binding nothing reads (checked again below)
@@ -115,6 +118,7 @@ def train(
             loss_config=loss_config,
             input_shards=input_shards,
             on_nonfinite=on_nonfinite,
+            rng_impl=rng_impl,
         )
         gin_utils.check_bindings_read("dss-train")  # everything is built: every binding has been read by now, or never is
         writer = metrics_log.MetricsWriter(run.model_dir, int(jax.device_get(loop.state.step)))
@@ -162,6 +166,7 @@ def setup(
     loss_config: losses.LossConfig | None,
     input_shards: int | None,
     on_nonfinite: str,
+    rng_impl: str = "threefry2x32",
 ) -> tuple[Run, LoopState]:
     """Mesh, shardings, compiled steps, checkpoint manager, data iterators and the starting state (in ``model_dir``,
     made and locked by the caller)."""
@@ -172,7 +177,7 @@ def setup(
     bsharding = partitioning.batch_sharding(mesh, mesh_config.rules)
     skip = on_nonfinite == "skip"
     step_fn = trainer.jit_train_step(
-        model_config, tx, loss_config or losses.LossConfig(), microbatches, seed, layout, bsharding, mesh, skip_nonfinite=skip
+        model_config, tx, loss_config or losses.LossConfig(), microbatches, seed, layout, bsharding, mesh, skip, rng_impl
     )
     if jax.process_index() == 0:
         train_setup.write_run_files(model_dir, model_config, data)

@@ -161,6 +161,11 @@ def check_sizes(batch_size: int, microbatches: int, input_shards: int | None, on
     return local_batch, shards // nproc
 
 
+def check_rng_impl(rng_impl: str) -> None:
+    if rng_impl not in trainer.RNG_IMPLS:
+        raise ValueError(f"train.train.rng_impl={rng_impl!r}: expected one of {', '.join(trainer.RNG_IMPLS)}")
+
+
 def train_iterator(data: DataSource, local_batch: int, per_process: int, seed: int, rows_multiple: int) -> Any:
     """This process's training batches: its input shards side by side, repacked when the data asks for it."""
     first = jax.process_index() * per_process

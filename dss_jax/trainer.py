@@ -26,6 +26,12 @@ from dss_jax.losses import RATIONALE_TASK_ID as RATIONALE
 from dss_jax.model import ModelConfig, build
 from dss_jax.params import abstract_boxed_params
 
+# What draws the dropout masks (``jax.random.key``'s impl). threefry2x32, JAX's default: the same masks on any mesh
+# and backend, from integer arithmetic. rbg: the bits from XLA's RngBitGenerator (the TPU's hardware generator),
+# keys still derived by threefry; the masks repeat for a given mesh. unsafe_rbg derives keys with the generator too.
+# docs/training.md has what rbg saves and costs on TPU.
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
 Batch = dict[str, jax.Array]
 
 
@@ -322,14 +328,16 @@ def jit_train_step(
     batch_sharding: NamedSharding,
     mesh: Mesh,
     skip_nonfinite: bool = False,
+    rng_impl: str = "threefry2x32",
 ) -> jax.stages.Wrapped:
+    """The jitted ``train_step``, its dropout masks drawn by ``rng_impl`` (one of ``RNG_IMPLS``)."""
     fn = functools.partial(
         train_step,
         cfg=cfg,
         tx=tx,
         loss_cfg=loss_cfg,
         microbatches=microbatches,
-        seed_key=jax.random.PRNGKey(seed),
+        seed_key=jax.random.key(seed, impl=rng_impl),
         batch_sharding=batch_sharding,
         skip_nonfinite=skip_nonfinite,
     )

@@ -68,6 +68,18 @@ def test_schedules():
         optim.learning_rate_schedule(decay="step", total_steps=10)
 
 
+def _random_batch(vocab: int, rows: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.RandomState(0)
+    tgt = rng.randint(2, vocab, size=(rows, 16)).astype(np.int32)
+    return {
+        "encoder_input_tokens": rng.randint(2, vocab, size=(rows, 24)).astype(np.int32),
+        "decoder_target_tokens": tgt,
+        "decoder_input_tokens": np.concatenate([np.zeros((rows, 1), np.int32), tgt[:, :-1]], 1),
+        "decoder_loss_weights": np.ones_like(tgt),
+        "decoder_task_ids": np.ones_like(tgt),
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 def test_optimizers_step_on_a_sharded_mesh(name):
@@ -82,18 +94,9 @@ def test_optimizers_step_on_a_sharded_mesh(name):
     layout = trainer.state_layout(cfg, tx, mesh, mesh_cfg.rules)
     bsh = partitioning.batch_sharding(mesh, mesh_cfg.rules)
     step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), 1, 0, layout, bsh, mesh)
-    rng = np.random.RandomState(0)
-    tgt = rng.randint(2, 128, size=(8, 16)).astype(np.int32)
-    batch = {
-        "encoder_input_tokens": rng.randint(2, 128, size=(8, 24)).astype(np.int32),
-        "decoder_target_tokens": tgt,
-        "decoder_input_tokens": np.concatenate([np.zeros((8, 1), np.int32), tgt[:, :-1]], 1),
-        "decoder_loss_weights": np.ones_like(tgt),
-        "decoder_task_ids": np.ones_like(tgt),
-    }
     with jax.set_mesh(mesh):
         state = trainer.init_state(cfg, tx, layout, 0)
-        gb = partitioning.global_batch(batch, bsh)
+        gb = partitioning.global_batch(_random_batch(vocab=128), bsh)
         losses_ = []
         for _ in range(5):
             state, m = step(state, gb)
@@ -161,3 +164,27 @@ def test_dss_vocab_cli(tmp_path, toy_jsonl):
     sp = spm.SentencePieceProcessor(model_file=str(out))
     assert sp.pad_id() == 0 and sp.eos_id() == 1 and sp.unk_id() == 2 and sp.bos_id() == -1
     assert sp.decode(sp.encode("apple banana")) == "apple banana"
+
+
+@pytest.mark.slow
+def test_dropout_masks_follow_the_rng_impl_and_repeat_for_a_seed_and_step():
+    """rbg (the TPU partitioning files' choice) draws other masks than threefry, and the same again for the same seed
+    and step (what resuming relies on); a name JAX does not know is refused naming the binding."""
+    from dss_jax import losses, partitioning, train_setup, trainer
+
+    cfg = configs.model_config("t5_1_1_tiny", dtype="float32", dropout_rate=0.3, vocab_size=128)
+    tx = optim.make_optimizer(name="adamw", learning_rate=1e-2)
+    mesh_cfg = partitioning.MeshConfig(data=1, fsdp=1, model=1)
+    mesh = partitioning.make_mesh(mesh_cfg, jax.devices()[:1])
+    layout = trainer.state_layout(cfg, tx, mesh, mesh_cfg.rules)
+    bsh = partitioning.batch_sharding(mesh, mesh_cfg.rules)
+    loss = {}
+    with jax.set_mesh(mesh):
+        gb = partitioning.global_batch(_random_batch(vocab=128), bsh)
+        for impl in ("threefry2x32", "rbg"):
+            step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), 1, 0, layout, bsh, mesh, rng_impl=impl)
+            loss[impl] = [float(step(trainer.init_state(cfg, tx, layout, 0), gb)[1]["loss"]) for _ in range(2)]
+    assert loss["rbg"][0] == loss["rbg"][1] and loss["threefry2x32"][0] == loss["threefry2x32"][1]
+    assert loss["rbg"][0] != loss["threefry2x32"][0]
+    with pytest.raises(ValueError, match="train.train.rng_impl='fast': expected one of threefry2x32, rbg, unsafe_rbg"):
+        train_setup.check_rng_impl("fast")

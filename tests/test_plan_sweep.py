@@ -28,7 +28,6 @@ def test_plan_reports_a_fit_and_a_non_fit():
         "--model",
         "t5_1_1_tiny",
         "--topology",
-        "v5e-4",
         "v4-8",
         "--batch",
         "16",
@@ -39,8 +38,9 @@ def test_plan_reports_a_fit_and_a_non_fit():
         "--fsdp",
         "4",
     )
-    assert [r["fits"] for r in fits] == [True, True]
-    assert fits[0]["devices"] == 4 and fits[1]["devices"] == 8  # v4 shows each TensorCore as a device
+    assert [r["fits"] for r in fits] == [True]
+    # v4 shows each TensorCore as a device, with half its chip's 32 GiB
+    assert (fits[0]["chips"], fits[0]["devices"], fits[0]["hbm_gib_per_device"]) == (4, 8, 16.0)
     assert 0 < fits[0]["peak_gib_per_device"] < fits[0]["hbm_gib_per_device"]
     assert fits[0]["params_gib_per_device"] > 0 and fits[0]["model_flops_per_step_per_device"] > 0
     for r in fits:  # scanned layers: the trip-counted compile exceeds XLA's once-per-loop count; every loop is read
@@ -62,6 +62,7 @@ def test_plan_reports_a_fit_and_a_non_fit():
         "none",
     )
     assert big[0]["fits"] is False
+    assert (big[0]["chips"], big[0]["devices"], big[0]["hbm_gib_per_device"]) == (1, 1, 16.0)  # a v5e chip is one device
 
 
 def test_plan_rejects_unknown_topologies():

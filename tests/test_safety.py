@@ -207,7 +207,8 @@ def test_dss_eval_and_dss_infer_never_execute_a_model_dirs_config_gin(trained, t
 
 @pytest.mark.slow
 def test_dss_eval_on_an_old_model_dir_says_how_to_proceed_and_runs_nothing(trained, tmp_path):
-    """A model dir written before the JSON data spec: a clear error, never a silent parse of its config.gin."""
+    """A model dir written before the JSON data spec: a clear error, never a silent parse of its config.gin (which
+    only --trust_config_gin runs)."""
     hostile, marker = _hostile_copy(trained[0], tmp_path)
     (hostile / "inference.json").unlink()
     r = _cli("dss_jax.evaluate", f"--model_dir={hostile}")
@@ -215,6 +216,8 @@ def test_dss_eval_on_an_old_model_dir_says_how_to_proceed_and_runs_nothing(train
     (line,) = _error_lines(r.stderr, "dss-eval")
     assert "has no data spec" in line and "--trust_config_gin" in line
     assert "Traceback" not in r.stderr and not marker.exists()
+    _cli("dss_jax.evaluate", f"--model_dir={hostile}", "--trust_config_gin")
+    assert marker.exists()  # the hostile line is real: trusting the config executes it
 
 
 @pytest.mark.slow
