@@ -111,16 +111,21 @@ def _grouped_bias(x: Array, hkv: int, g: int) -> Array:
     return x.reshape(x.shape[0], hkv, -1, x.shape[3])
 
 
+def _heads_first(x: Array) -> Array:
+    """[b, len, h, d] -> [b, h, len, d]. The attention contractions take operands with (batch, heads) leading:
+    XLA:CPU runs a dot whose batch axes are not the leading ones several times slower (16 x 256 x 6 x 64
+    encoder attention: 70 ms against 18 ms with the transposes written out), and on TPU a transpose is a layout."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def _scores(q: Array, k: Array, scale: float, softcap: float | None) -> Array:
     """float32 logits [b, hkv, g * q, k] of q [b, q, hkv, g, d] and k [b, k, hkv, d], scaled and soft-capped.
 
     The g query heads that share a kv head are stacked along the query axis, so K/V are read once per kv head.
     """
-    if q.shape[3] == 1:  # one query head per kv head (T5): the plain multi-head contraction
-        s = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, :, 0], k, preferred_element_type=jnp.float32)
-    else:
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-        s = s.reshape(s.shape[0], s.shape[1], -1, s.shape[4])
+    b, lq, hkv, g, d = q.shape
+    qh = jnp.moveaxis(q, 1, 3).reshape(b, hkv, g * lq, d)  # [b, hkv, g * q, d]: heads lead, as _heads_first says
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, _heads_first(k), preferred_element_type=jnp.float32)
     if scale != 1.0:
         s = s * scale
     if softcap is not None:
@@ -241,10 +246,7 @@ def _dense(
     hkv, g = grid.hkv, grid.g
     s = _scores(q, k, grid.scale, grid.softcap) + _grouped_bias(block_bias(table, bias, *pos), hkv, g)
     p = _dropout(jax.nn.softmax(s, axis=-1), rng, grid.dropout_rate, jnp.int32(0))
-    if g == 1:
-        out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
-    else:
-        out = _ungroup(jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v), g)
+    out = _ungroup(jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _heads_first(v)), g)
     return (out, _ungroup(jax.nn.logsumexp(s, axis=-1), g)) if return_lse else out
 
 
@@ -261,7 +263,7 @@ def _online_step(
     corr = jnp.exp(m - m_new)
     denom = denom * corr + jnp.sum(p, axis=-1)
     p = _dropout(p, rng, grid.dropout_rate, qi * grid.nk + kj)
-    pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vblk.dtype), _heads_first(vblk), preferred_element_type=jnp.float32)
     return m_new, denom, acc * corr[..., None] + pv
 
 

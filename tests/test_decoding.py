@@ -54,7 +54,8 @@ def test_cross_attention_kept_once_per_input_equals_once_per_beam(family):
     for i in range(3):
         want, repeated = step(repeated, rep_enc, rep_seg, cur, jnp.int32(i))
         got, once = step(once, encoded, seg, cur, jnp.int32(i))
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+        # equal up to float32 rounding: the two caches hold the same values at other batch shapes
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         cur = jnp.argmax(got, -1).astype(jnp.int32)
 
 
