@@ -184,9 +184,10 @@ def decode_rows(
     return jax.lax.while_loop(cond, body, state)[2]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(config: ModelConfig, params: Any, encoder_input_tokens: Array, decoder_input_tokens: Array) -> Array:
-    """Teacher-forced logits, compiled once per config and shape."""
+@functools.partial(jax.jit, static_argnames=("config",))
+def _teacher_forced_logits(params: Any, encoder_input_tokens: Array, tokens: Array, config: ModelConfig) -> Array:
+    """Logits of every position of ``tokens`` fed shifted right, compiled once per config and shape."""
+    decoder_input_tokens = shift_right(tokens, config.decoder_start_token_id)
     return cast(Array, build(config).apply({"params": params}, encoder_input_tokens, decoder_input_tokens))
 
 
@@ -196,7 +197,7 @@ def greedy_decode_reference(params: Any, encoder_input_tokens: Array, config: Mo
     tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
     done = jnp.zeros((batch,), bool)
     for i in range(max_decode_length):
-        logits = _forward(config, params, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
+        logits = _teacher_forced_logits(params, encoder_input_tokens, tokens, config)
         nxt = jnp.where(done, 0, jnp.argmax(logits[:, i], axis=-1)).astype(jnp.int32)
         tokens = tokens.at[:, i].set(nxt)
         done = done | (nxt == config.eos_token_id)
@@ -294,10 +295,7 @@ def beam_search(
 @functools.partial(jax.jit, static_argnames=("config",))
 def sequence_log_prob(params: Any, encoder_input_tokens: Array, tokens: Array, config: ModelConfig) -> Array:
     """Teacher-forced log probability of each row of ``tokens`` (through its EOS), for tests and rescoring."""
-    model = build(config)
-    logits = cast(
-        Array, model.apply({"params": params}, encoder_input_tokens, shift_right(tokens, config.decoder_start_token_id))
-    )
+    logits = _teacher_forced_logits(params, encoder_input_tokens, tokens, config)
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
     after_eos = jnp.cumsum(tokens == config.eos_token_id, axis=1) - (tokens == config.eos_token_id)
     return jnp.sum(jnp.where(after_eos > 0, 0.0, lp), axis=1)

@@ -166,7 +166,7 @@ def setup(
     loss_config: losses.LossConfig | None,
     input_shards: int | None,
     on_nonfinite: str,
-    rng_impl: str = "threefry2x32",
+    rng_impl: str,
 ) -> tuple[Run, LoopState]:
     """Mesh, shardings, compiled steps, checkpoint manager, data iterators and the starting state (in ``model_dir``,
     made and locked by the caller)."""

@@ -168,8 +168,8 @@ def test_dss_vocab_cli(tmp_path, toy_jsonl):
 
 @pytest.mark.slow
 def test_dropout_masks_follow_the_rng_impl_and_repeat_for_a_seed_and_step():
-    """rbg (the TPU partitioning files' choice) draws other masks than threefry, and the same again for the same seed
-    and step (what resuming relies on); a name JAX does not know is refused naming the binding."""
+    """rbg (XLA's RngBitGenerator) draws other masks than threefry, and the same again for the same seed and step
+    (what resuming relies on); a name JAX does not know is refused naming the binding."""
     from dss_jax import losses, partitioning, train_setup, trainer
 
     cfg = configs.model_config("t5_1_1_tiny", dtype="float32", dropout_rate=0.3, vocab_size=128)
