@@ -210,9 +210,10 @@ _TENSORSTORE_ERROR = re.compile(r"^[A-Z_]+: Error (reading|opening)|^Encountered
 
 
 def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's report of a collected read task whose TensorStore error nobody retrieved."""
+    """False (drop) for asyncio's report of a collected read task, or of a gather of reads, whose TensorStore error
+    nobody retrieved ("Task exception ...", "_GatheringFuture exception was never retrieved")."""
     exc = record.exc_info[1] if record.exc_info else None
-    unretrieved = record.getMessage().startswith("Task exception was never retrieved")
+    unretrieved = re.match(r"\w+ exception was never retrieved", record.getMessage()) is not None
     return not (unretrieved and exc is not None and _TENSORSTORE_ERROR.search(str(exc)))
 
 

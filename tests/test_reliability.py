@@ -211,6 +211,14 @@ async def sibling_read():  # a read that failed too, its task never awaited once
 async def wrapped_read():  # Orbax's wrapper of a failed read, as its sibling tasks end
     raise Exception("Encountered error while reading array index: (slice(0, 32, 1),). See full TensorStore details")
 
+async def gathered_reads():  # Orbax gathers its reads; the gather is dropped unawaited once one read failed
+    global gathered
+    gathered = asyncio.gather(wrapped_read_64())
+    await asyncio.sleep(0.01)
+
+async def wrapped_read_64():
+    raise Exception("Encountered error while reading array index: (slice(0, 64, 1),). See full TensorStore details")
+
 async def unrelated_task():
     raise ValueError("an unrelated task error")
 
@@ -221,8 +229,8 @@ del read
 Unrelated()
 loop = asyncio.new_event_loop()
 tasks = [loop.create_task(f()) for f in (sibling_read, wrapped_read, unrelated_task)]
-loop.run_until_complete(asyncio.sleep(0.01))
-del tasks  # collected unretrieved: asyncio logs each
+loop.run_until_complete(gathered_reads())
+del tasks, gathered  # collected unretrieved: asyncio logs each
 loop.close()
 gc.collect()
 print("done", file=sys.stderr)
@@ -233,13 +241,14 @@ def test_reads_abandoned_after_a_damaged_read_print_nothing():
     """No traceback follows dss-eval's one-line error. Orbax's read coroutines still in
     flight when one read fails are finalized later, and each turns the GeneratorExit thrown into it into a new
     "Encountered error while reading array index" exception, printed through sys.unraisablehook with a TensorStore
-    spec. Sibling read tasks that failed too are logged by asyncio as never retrieved. Exactly those are dropped;
-    other unraisable errors and other tasks' errors still print."""
+    spec. Sibling read tasks, and gathers of reads, that failed too are logged by asyncio as never retrieved.
+    Exactly those are dropped; other unraisable errors and other tasks' errors still print."""
     r = subprocess.run([sys.executable, "-c", _ABANDONED_READ], env=xla_env(1), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "done" in r.stderr, r.stderr[-3000:]
     assert "Encountered error while reading array index" not in r.stderr, r.stderr[-3000:]
     assert "an unrelated error in a finalizer" in r.stderr, r.stderr[-3000:]
     assert "OUT_OF_RANGE" not in r.stderr and "(slice(0, 32, 1),)" not in r.stderr, r.stderr[-3000:]
+    assert "_GatheringFuture" not in r.stderr and "(slice(0, 64, 1),)" not in r.stderr, r.stderr[-3000:]
     assert "an unrelated task error" in r.stderr, r.stderr[-3000:]
 
 
