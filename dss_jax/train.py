@@ -246,14 +246,14 @@ def train_loop(run: Run, sched: Schedule, loop: LoopState, writer: metrics_log.M
 def check_finite(run: Run, loop: LoopState) -> None:
     """Raises NonFiniteLossError (``on_nonfinite='stop'``) once any step so far was not finite."""
     first, flags, _ = (int(x) for x in jax.device_get(loop.nonfinite))
-    if not first or run.on_nonfinite != "stop":
-        return
-    last = (
-        f"The last good checkpoint is step {loop.saved_step} in {run.model_dir / 'checkpoints'}"
-        if loop.saved_step >= 0
-        else "No checkpoint was saved"
-    )
-    raise NonFiniteLossError(
+    if first and run.on_nonfinite == "stop":
+        raise nonfinite_error(first, flags, loop.saved_step, run.model_dir / "checkpoints")
+
+
+def nonfinite_error(first: int, flags: int, saved_step: int, checkpoint_dir: Path) -> NonFiniteLossError:
+    """The one line a diverged run ends with: the step, what was not finite, and the last good checkpoint."""
+    last = f"The last good checkpoint is step {saved_step} in {checkpoint_dir}" if saved_step >= 0 else "No checkpoint was saved"
+    return NonFiniteLossError(
         f"at step {first} {trainer.describe_nonfinite(flags)}; stopping before that state is saved or evaluated. "
         f"{last} (lower the learning rate or check the data; train.on_nonfinite='skip' skips such updates instead)."
     )

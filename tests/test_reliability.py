@@ -3,9 +3,11 @@ checkpoints, divergence stops the run before a bad state is saved, and metrics.j
 once. The integration tests run the real CLIs on the toy task with real Orbax checkpoints."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -393,8 +395,10 @@ def test_divergence_stops_before_a_bad_state_is_saved(tmp_path, toy_jsonl):
     bad = [row["step"] for row in rows if row.get("nonfinite")]
     first = bad[0]  # the step that diverged, from the metrics themselves
     assert all(np.isfinite(row["grad_norm"]) and np.isfinite(row["loss"]) for row in rows if row["step"] < first)
-    assert f"at step {first} " in r.stderr and "not finite" in r.stderr, r.stderr[-2000:]
-    assert f"The last good checkpoint is step {first - 1} " in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]  # one line: the step, what diverged, where the last good state is
+    assert re.fullmatch(r"dss-train: at step \d+ .+ not finite; stopping before that state is saved or evaluated\. .+", last)
+    assert f"at step {first} " in last and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"The last good checkpoint is step {first - 1} " in last, r.stderr[-2000:]
     saved = _steps(run / "checkpoints")
     assert saved and max(saved) == first - 1, saved
     best = ocp.CheckpointManager(
@@ -444,3 +448,8 @@ def test_skip_mode_leaves_the_state_as_it_was_and_flags_the_step():
     assert all(np.isfinite(np.asarray(v)).all() for _, v in _leaves(after[0]))
     first, flags, count = (int(x) for x in acc)
     assert (first, count) == (2, 1) and "not finite" in trainer.describe_nonfinite(flags)
+    # in stop mode a run that diverges before its first checkpoint says so (the CLI test above has one saved)
+    from dss_jax import train
+
+    msg = str(train.nonfinite_error(first, flags, -1, Path("run/checkpoints")))
+    assert msg.startswith("at step 2 ") and "No checkpoint was saved (lower the learning rate" in msg, msg
