@@ -7,7 +7,7 @@ export DSS_DATA_DIR
 # CPU jobs: with libtpu installed (test extra, for dss-plan) jax would otherwise probe for a TPU first.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup quickstart test test-fast lint typecheck
+.PHONY: setup quickstart test test-fast test-durations lint typecheck
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,13 +28,19 @@ quickstart: setup
 	$(BIN)/dss-train --gin_file=runs/quickstart_finetune.gin --model_dir=$(QS)/finetune
 	$(BIN)/dss-report --runs $(QS)/dss $(QS)/finetune
 
-# The whole suite (README, .ci/run). Tests that train or run CLIs in subprocesses are marked `slow`.
+# The whole suite (README, .ci/run). Tests that train or run CLIs in subprocesses are marked `slow`. Each worker
+# runs whole files (module fixtures are built once), longest first by tests/durations.json (tests/conftest.py).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 test: setup lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(PYTEST) tests
 
 # While working: lint, the format check and every test not marked slow (a few minutes on 2 cores).
 test-fast: setup lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
+
+# After adding or much changing tests: the whole suite, then each file's seconds written to tests/durations.json.
+test-durations: setup
+	$(PYTEST) --store-durations tests
 
 lint: setup
 	$(BIN)/ruff check dss_jax tasks tests bench launch

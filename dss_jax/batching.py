@@ -14,7 +14,8 @@ from each batch, in numpy, before the step sees it:
   segment, so the loss (per-task token means over real tokens) is the padded step's.
 
 Lengths and row counts come from a few buckets, so XLA compiles a handful of step shapes, not one per batch.
-Multi-process runs agree on one shape per step (the largest any process needs). No TensorFlow here.
+Each input shard is repacked on its own, and all shards of all processes agree on one shape per step (the
+largest any of them needs): one process reading n shards makes the batch n processes make. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 
@@ -159,21 +159,30 @@ class Repacker:
         return best[1], best[2]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.repack([batch])
+
+    def repack(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Each input shard's batch (``parts``) repacked on its own, all at one shape (the largest that any shard
+        of any process needs), then side by side: one process reading n shards yields the rows that n processes
+        reading one shard each assemble, so a single-host run reproduces a multi-host one."""
         if self.mode == "padded":
-            return batch
-        enc_len, dec_len = real_lengths(batch)
-        self.padded_tokens += int(batch["encoder_input_tokens"].size + batch["decoder_target_tokens"].size)
-        self.real_tokens += int(enc_len.sum() + dec_len.sum())
-        self.at_length_limit += int(np.sum((enc_len >= self.inputs_length) | (dec_len >= self.targets_length)))
+            return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+        lengths = [real_lengths(b) for b in parts]
+        for b, (enc_len, dec_len) in zip(parts, lengths, strict=True):
+            self.padded_tokens += int(b["encoder_input_tokens"].size + b["decoder_target_tokens"].size)
+            self.real_tokens += int(enc_len.sum() + dec_len.sum())
+            self.at_length_limit += int(np.sum((enc_len >= self.inputs_length) | (dec_len >= self.targets_length)))
         if self.mode == "bucketed":
-            out = self._bucketed(batch, self._agree(self.task_shapes(batch)), (enc_len > 0) | (dec_len > 0))
+            shapes = self._agree(np.max([self.task_shapes(b) for b in parts], axis=0))
+            outs = [self._bucketed(b, shapes, (e > 0) | (d > 0)) for b, (e, d) in zip(parts, lengths, strict=True)]
         else:
-            shape, rows = self._best_packing(enc_len, dec_len)
-            agreed = self._agree(np.array([[shape.rows, shape.enc, shape.dec]]))[0]
+            packings = [self._best_packing(e, d) for e, d in lengths]
+            agreed = self._agree(np.max([[s.rows, s.enc, s.dec] for s, _ in packings], axis=0)[None])[0]
             shape = Shape(*(int(x) for x in agreed))
-            if len(rows) > shape.rows:  # cannot happen: the agreed shape is at least ours
+            if any(len(rows) > shape.rows for _, rows in packings):  # cannot happen: the agreed shape is the largest
                 raise AssertionError("packed rows exceed the agreed row count")
-            out = self._pack(batch, shape, rows, enc_len, dec_len)
+            outs = [self._pack(b, shape, rows, e, d) for b, (_, rows), (e, d) in zip(parts, packings, lengths, strict=True)]
+        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
         self.computed_tokens += computed_tokens(out)
         return out
 
@@ -242,25 +251,18 @@ class Repacker:
         }
 
 
-class SavableIterator(Protocol):
-    """A batch iterator whose position can be saved and restored (a tf.data iterator's checkpoint files)."""
-
-    def __next__(self) -> dict[str, np.ndarray]: ...
-    def save(self, path: str) -> None: ...
-    def restore(self, path: str) -> None: ...
-
-
 class RepackingIterator:
-    """Wraps a batch iterator (keeping its save/restore) and repacks every batch it yields."""
+    """Wraps a process's input shards (keeping their save/restore) and repacks every step's batch, each shard's
+    rows on their own (``Repacker.repack``)."""
 
-    def __init__(self, it: SavableIterator, repacker: Repacker):
+    def __init__(self, it: ShardedIterator, repacker: Repacker):
         self.it, self.repacker = it, repacker
 
     def __iter__(self) -> RepackingIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return self.repacker(next(self.it))
+        return self.repacker.repack(self.it.next_parts())
 
     def save(self, path: str) -> None:
         self.it.save(path)
@@ -283,8 +285,12 @@ class ShardedIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self.iterators]
+        parts = self.next_parts()
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def next_parts(self) -> list[dict[str, np.ndarray]]:
+        """The next batch of each shard."""
+        return [next(it) for it in self.iterators]
 
     @property
     def checkpointable(self) -> bool:

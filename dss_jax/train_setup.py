@@ -167,11 +167,14 @@ def check_rng_impl(rng_impl: str) -> None:
 
 
 def train_iterator(data: DataSource, local_batch: int, per_process: int, seed: int, rows_multiple: int) -> Any:
-    """This process's training batches: its input shards side by side, repacked when the data asks for it."""
+    """This process's training batches: its input shards side by side, each repacked on its own when the data
+    asks for it (at rows a multiple of ``rows_multiple`` over the shards, as the processes that could read them
+    would)."""
     first = jax.process_index() * per_process
     shards = per_process * jax.process_count()
-    it: Any = batching.ShardedIterator(
+    it = batching.ShardedIterator(
         [data.train_iterator(local_batch // per_process, seed, s, shards) for s in range(first, first + per_process)]
     )
-    repacker = data.repacker(rows_multiple)
+    # every shard gets the same row count (the agreed shape), so per-shard multiples add up to the process's
+    repacker = data.repacker(rows_multiple // per_process if rows_multiple % per_process == 0 else rows_multiple)
     return batching.RepackingIterator(it, repacker) if repacker is not None else it

@@ -27,6 +27,39 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("DSS_DATA_DIR") or REPO.parent / "shared" / "data" / "dss")  # as the Makefile sets it
+DURATIONS = Path(__file__).with_name("durations.json")  # seconds per test file, from a whole run (--store-durations)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--store-durations", action="store_true", help=f"write each test file's seconds (all phases, all workers) to {DURATIONS}"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest test files first, by DURATIONS (files it does not list first of all: they may be long). With
+    ``--dist loadfile --no-loadscope-reorder`` the workers take whole files in this order, so the last files to
+    start are short ones and the workers end together. Tests keep their order within a file."""
+    import json
+    import math
+
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], math.inf))
+
+
+_file_seconds: dict[str, float] = {}  # --store-durations: filled from the reports the controller receives
+
+
+def pytest_runtest_logreport(report):
+    f = report.nodeid.split("::")[0]
+    _file_seconds[f] = _file_seconds.get(f, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--store-durations") and "PYTEST_XDIST_WORKER" not in os.environ:
+        import json
+
+        DURATIONS.write_text(json.dumps({f: round(t, 1) for f, t in sorted(_file_seconds.items())}, indent=0) + "\n")
 
 
 def hf_t5(gated: bool, enc_layers: int = 2, dec_layers: int = 2, vocab: int = 100, seed: int = 0):
