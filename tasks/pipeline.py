@@ -211,6 +211,10 @@ class SeqioData:
     options: registry.DataOptions = dataclasses.field(default_factory=registry.DataOptions)
     # the selection task's unconverted examples per split, read once (rank classification and scoring both use them)
     _examples: dict[str, list[dict]] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    # eval batches per (split, batch size, shard, shards, limit), built once: the end-of-run table reads validation again
+    _eval_sets: dict[tuple, dict[str, list[dict[str, np.ndarray]]]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
     # where the registered tasks' rows come from (split sizes, baselines, the metric's benchmark)
     _source: sources.Source = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -384,6 +388,9 @@ class SeqioData:
         whole split otherwise (the test split is always scored in full)."""
         if max_examples == -1:
             max_examples = self.max_eval_examples if split == "validation" else None
+        key = (split, batch_size, shard_id, num_shards, max_examples)
+        if key in self._eval_sets:
+            return self._eval_sets[key]
         out = {}
         for name in self.eval_tasks:
             if split not in seqio.get_mixture_or_task(name).splits:
@@ -404,4 +411,5 @@ class SeqioData:
                 max_examples=max_examples,
             )
             out[name] = [{k: v.numpy() for k, v in b.items()} for b in ds]
+        self._eval_sets[key] = out
         return out

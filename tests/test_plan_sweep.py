@@ -121,6 +121,7 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
             "--gin.TRAIN_STEPS=4",
             "--gin.train.train.eval_every=4",
             "--gin.train.train.checkpoint_every=4",
+            "--gin.train.train.report_train_examples=16",  # the report reads validation; the table's train row is short
         ],
         capture_output=True,
         text=True,
