@@ -70,6 +70,11 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def side_by_side(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches with the same keys, their rows concatenated in order."""
+    return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+
 def real_lengths(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per row: encoder tokens up to the last non-pad one, decoder tokens up to the last weighted one."""
     enc = batch["encoder_input_tokens"] != 0
@@ -166,7 +171,7 @@ class Repacker:
         of any process needs), then side by side: one process reading n shards yields the rows that n processes
         reading one shard each assemble, so a single-host run reproduces a multi-host one."""
         if self.mode == "padded":
-            return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+            return side_by_side(parts)
         lengths = [real_lengths(b) for b in parts]
         for b, (enc_len, dec_len) in zip(parts, lengths, strict=True):
             self.padded_tokens += int(b["encoder_input_tokens"].size + b["decoder_target_tokens"].size)
@@ -182,7 +187,7 @@ class Repacker:
             if any(len(rows) > shape.rows for _, rows in packings):  # cannot happen: the agreed shape is the largest
                 raise AssertionError("packed rows exceed the agreed row count")
             outs = [self._pack(b, shape, rows, e, d) for b, (_, rows), (e, d) in zip(parts, packings, lengths, strict=True)]
-        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        out = side_by_side(outs)
         self.computed_tokens += computed_tokens(out)
         return out
 
@@ -285,8 +290,7 @@ class ShardedIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = self.next_parts()
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return side_by_side(self.next_parts())
 
     def next_parts(self) -> list[dict[str, np.ndarray]]:
         """The next batch of each shard."""

@@ -61,10 +61,10 @@ def test_sigterm_then_sigkill_then_rerun_equals_uninterrupted(tmp_path, toy_json
 
     run = tmp_path / "interrupted"
     cmd = _cmd(run, toy_jsonl, "--gin.train.train.checkpoint_every=100")  # only SIGTERM and the end save
-    p = _start_until(cmd, run, 3)
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-3000:]
+    termer = _start_until(cmd, run, 3)
+    termer.send_signal(signal.SIGTERM)
+    out, _ = termer.communicate(timeout=120)
+    assert termer.returncode == 0, out[-3000:]
     termed = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert termed and 3 <= termed[-1] < 20, termed
 
@@ -77,6 +77,7 @@ def test_sigterm_then_sigkill_then_rerun_equals_uninterrupted(tmp_path, toy_json
         last = second.stderr.strip().splitlines()[-1]
         assert last.startswith("dss-train: error: ") and f"pid {holder.pid} on host " in last, second.stderr
         assert " since " in last and "Traceback" not in second.stderr
+        assert holder.poll() is None  # the refused run left the holder alive, and its files untouched:
         assert {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()} == before  # nothing written or added
     finally:
         holder.kill()
