@@ -1,7 +1,8 @@
 """FLOPs of a train step counted two ways: the model's useful work, and what the compiled program executes.
 
 ``model_flops``: MaxText's count. 6 x the matmul parameters a token passes through x the tokens that are not
-padding (forward 2, backward 4), plus attention at each example's real lengths: 3 x 4 x (query heads x head
+padding (forward 2, backward 4; the decoder's cross-attention keys and values are computed from encoder tokens,
+so they count per encoder token), plus attention at each example's real lengths: 3 x 4 x (query heads x head
 dim) x the (query, key) pairs a query may see: all of its own sequence in the encoder, the causal half in the
 decoder (t (t + 1) / 2 pairs), every encoder token in cross-attention. Embedding lookups are not matmuls; the
 output head is. Remat recomputation, padding, and masked attention blocks are waste, so they are not counted.
@@ -43,6 +44,7 @@ class AttentionShape:
 
     enc_params: float
     dec_params: float
+    cross_params: float  # the decoder's cross-attention K and V: per encoder token, once per decoder layer
     enc_layers: int
     dec_layers: int
     enc_width: int
@@ -69,7 +71,7 @@ def model_flops(cfg: Any, enc_len: Iterable[int], dec_len: Iterable[int]) -> dic
     """A train step's model FLOPs (global) for examples of these real encoder and decoder lengths."""
     s = model_shape(cfg)
     e, t = np.asarray(list(enc_len), np.float64), np.asarray(list(dec_len), np.float64)
-    matmul = 6.0 * (s.enc_params * e.sum() + s.dec_params * t.sum())
+    matmul = 6.0 * ((s.enc_params + s.cross_params) * e.sum() + s.dec_params * t.sum())
     enc_pairs = _pairs(e, s.enc_windows, s.enc_layers, causal=False)
     dec_pairs = _pairs(t, s.dec_windows, s.dec_layers, causal=True) + s.dec_layers * float(np.sum(t * e))
     attention = 3.0 * 4.0 * (s.enc_width * enc_pairs + s.dec_width * dec_pairs)

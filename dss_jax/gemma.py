@@ -172,14 +172,15 @@ class GemmaConfig(ConfigMethods):
             return tuple(s.sliding_window if t == "sliding_attention" else None for t in s.layer_types)
 
         e, d = self.encoder, self.decoder
-        # T5Gemma's cross-attention has its own query and output; T5Gemma 2's merged attention adds only K/V of the
-        # encoder's output
-        cross = (
-            attn_params(d, e.hidden_size) if self.family == "t5gemma" else 2 * e.hidden_size * d.num_key_value_heads * d.head_dim
-        )
+        # cross-attention's K and V read the encoder's output: per encoder token. T5Gemma's cross-attention also has
+        # its own query and output (per decoder token); T5Gemma 2's merged attention adds only the K and V.
+        cross_kv = 2 * e.hidden_size * d.num_key_value_heads * d.head_dim
+        cross_q_o = 2 * d.hidden_size * d.num_attention_heads * d.head_dim if self.family == "t5gemma" else 0
         return {
             "enc_params": e.num_hidden_layers * (attn_params(e, e.hidden_size) + 3 * e.hidden_size * e.intermediate_size),
-            "dec_params": d.num_hidden_layers * (attn_params(d, d.hidden_size) + cross + 3 * d.hidden_size * d.intermediate_size)
+            "cross_params": d.num_hidden_layers * cross_kv,
+            "dec_params": d.num_hidden_layers
+            * (attn_params(d, d.hidden_size) + cross_q_o + 3 * d.hidden_size * d.intermediate_size)
             + d.hidden_size * self.vocab_size,
             "enc_layers": e.num_hidden_layers,
             "dec_layers": d.num_hidden_layers,

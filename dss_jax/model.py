@@ -55,15 +55,16 @@ class ConfigMethods:
         return dataclasses.replace(self, **changes)
 
     def flop_shape(self) -> dict[str, Any]:
-        """Matmul parameters a token passes through per stack, layer counts, attention widths (query heads x head
-        dim) and per-layer sliding windows: the fields of ``flops.AttentionShape``."""
+        """Matmul parameters a token passes through per stack (an encoder token also through the decoder's
+        cross-attention keys and values), layer counts, attention widths (query heads x head dim) and per-layer
+        sliding windows: the fields of ``flops.AttentionShape``."""
         raise NotImplementedError
 
     def train_flops_per_token(self, inputs_length: int, targets_length: int) -> float:
         """Approximate training FLOPs per target token (6 x matmul params, plus attention scores), for MFU reports."""
         s = self.flop_shape()
         ratio = inputs_length / max(targets_length, 1)
-        matmul = s["enc_params"] * ratio + s["dec_params"]
+        matmul = (s["enc_params"] + s["cross_params"]) * ratio + s["dec_params"]
         scores = 2 * (
             s["enc_layers"] * s["enc_width"] * inputs_length * ratio
             + s["dec_layers"] * s["dec_width"] * (targets_length + inputs_length)
@@ -134,9 +135,11 @@ class T5Config(ConfigMethods):
     def flop_shape(self) -> dict[str, Any]:
         attn_params = 4 * self.d_model * self.num_heads * self.d_kv
         mlp = (3 if self.gated else 2) * self.d_model * self.d_ff
+        kv_params = 2 * self.d_model * self.num_heads * self.d_kv  # cross-attention's K and V read encoder tokens
         return {
             "enc_params": self.num_encoder_layers * (attn_params + mlp),
-            "dec_params": self.num_decoder_layers * (2 * attn_params + mlp) + self.d_model * self.vocab_size,
+            "cross_params": self.num_decoder_layers * kv_params,
+            "dec_params": self.num_decoder_layers * (2 * attn_params - kv_params + mlp) + self.d_model * self.vocab_size,
             "enc_layers": self.num_encoder_layers,
             "dec_layers": self.num_decoder_layers,
             "enc_width": self.num_heads * self.d_kv,
