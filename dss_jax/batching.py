@@ -8,14 +8,17 @@ from each batch, in numpy, before the step sees it:
   buckets that hold its longest input and longest target, so short label targets are not padded to the
   rationales' length. Tasks whose buckets coincide share one group. A step then holds one group of rows per
   distinct shape (``row_groups``): the first under the usual keys, the others under ``g1/``, ``g2/``, ...
-- ``"packed"``: the batch's sequences (encoder part and decoder part together) are packed first-fit into rows
-  of bucketed lengths, with segment ids and positions, and the row count is rounded up to a multiple of
-  ``rows_bucket``. Every sequence keeps its own tokens, loss weights and task ids; attention never crosses a
-  segment, so the loss (per-task token means over real tokens) is the padded step's.
+- ``"packed"``: the batch's sequences (encoder part and decoder part together) are packed into rows, with
+  segment ids and positions. The step's shape (rows, a multiple of ``rows_bucket``; encoder and decoder row
+  lengths from ``PACKED_LENGTHS``) is the cheapest one ``pack_rows`` can fill, the cost counting decoder tokens
+  at ``DECODER_TOKEN_COST`` and the attention each row computes. Every sequence keeps its own tokens, loss
+  weights and task ids; attention never crosses a segment, so the loss (per-task token means over real tokens)
+  is the padded step's.
 
 Lengths and row counts come from a few buckets, so XLA compiles a handful of step shapes, not one per batch.
-Each input shard is repacked on its own, and all shards of all processes agree on one shape per step (the
-largest any of them needs): one process reading n shards makes the batch n processes make. No TensorFlow here.
+Each input shard is repacked on its own, and all shards of all processes agree on one shape per step (bucketed:
+the largest any of them needs; packed: the cheapest all of them fill): one process reading n shards makes the batch
+n processes make. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -30,9 +33,21 @@ MODES = ("padded", "bucketed", "packed")
 LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # Bucketed rows hold one sequence each, so their lengths follow the data closely: steps of 16 up to 128 (a CQA
 # input is ~50-80 tokens, a label target 2-5). A run's batch maxima cluster in one or two buckets per task, so
-# the finer steps add few compiled shapes. (Packing picks its row lengths at 1x/2x/4x the longest sequence from
-# LENGTH_BUCKETS, whose coarser steps leave room for a second sequence.)
+# the finer steps add few compiled shapes.
 BUCKETED_LENGTHS = (8, 16, 32, 48, 64, 80, 96, 112, 128) + LENGTH_BUCKETS[6:]
+# Packed row lengths: steps of 8 up to 128, then ~6% steps (16 to 256, 32 to 512, 64 to 1024); the row count's
+# steps (multiples of rows_bucket) and the choice between encoder and decoder lengths take up the rest. On the
+# paper's CQA batches (128 sequences, rows in 8s) a run compiles ~5 step shapes in 40 batches (e-SNLI, SVAMP:
+# 10-14), computing ~1.09x the tokens' real FLOPs against ~1.3x for first-fit at 1x/2x/4x the longest sequence.
+PACKED_LENGTHS = tuple(range(16, 128, 8)) + tuple(range(128, 256, 16)) + tuple(range(256, 512, 32))
+PACKED_LENGTHS += tuple(range(512, 1024, 64)) + (1024, 1280, 1536, 2048)
+# A decoder token's matmuls (self-attention, cross-attention's query and output, the MLP, the output head) against
+# an encoder token's (its layer, and the keys and values each decoder layer's cross-attention makes of it):
+# ~1.25 in T5 v1.1 base (flops.model_shape).
+DECODER_TOKEN_COST = 1.25
+# A computed (query, key) pair of attention costs ~4 x width FLOPs a layer, a token's matmuls ~2 x 8M in T5 v1.1
+# base: a pair is ~1/4,096 of a token there (more in smaller models, less in larger ones).
+ATTENTION_PAIRS_PER_TOKEN = 4096.0
 ENC_KEYS = ("encoder_input_tokens",)
 DEC_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_task_ids")
 MAX_TASK_ID = 7  # task ids a bucketed step may group by (the DSS tasks are 1 and 2; 0 is padding)
@@ -83,23 +98,34 @@ def real_lengths(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return last(enc), last(dec)
 
 
-def first_fit(enc_len: np.ndarray, dec_len: np.ndarray, enc_budget: int, dec_budget: int) -> list[list[int]]:
-    """Rows of sequence indices, first-fit by decreasing encoder length, both budgets respected."""
-    rows: list[list[int]] = []
-    used: list[list[int]] = []
-    for i in sorted(range(len(enc_len)), key=lambda i: (-int(enc_len[i]), -int(dec_len[i]), i)):
-        e, t = int(enc_len[i]), int(dec_len[i])
-        if e == 0 and t == 0:
-            continue  # an all-padding row (a short last batch): nothing to place
-        for r, (ue, ut) in enumerate(used):
-            if ue + e <= enc_budget and ut + t <= dec_budget:
-                rows[r].append(i)
-                used[r] = [ue + e, ut + t]
-                break
-        else:
-            rows.append([i])
-            used.append([e, t])
-    return rows
+def pack_rows(enc_len: np.ndarray, dec_len: np.ndarray, rows: int, enc_budget: int, dec_budget: int) -> list[list[int]] | None:
+    """The sequences (indices; all-padding ones left out) in at most ``rows`` rows whose encoder and decoder parts
+    fit the budgets, or None when this heuristic finds no way.
+
+    Sequences heavier on the decoder side than on the encoder side (relative to the budgets: DSS rationales) go
+    first, each to the row that takes it with the least decoder load, which spreads them evenly; the others (label
+    sequences) then go best-fit by encoder room. Each kind in decreasing size. A first-fit by encoder length
+    stacks rationales into the first rows and leaves the decoder budget of the others a third used.
+    """
+    idx = np.flatnonzero((enc_len > 0) | (dec_len > 0))
+    if max(np.sum(2 * enc_len > enc_budget), np.sum(2 * dec_len > dec_budget)) > rows:
+        return None  # more sequences over half a row than rows: no two of them share one
+    enc_share, dec_share = enc_len / enc_budget, dec_len / dec_budget
+    order = sorted(idx, key=lambda i: (bool(dec_share[i] <= enc_share[i]), -max(enc_share[i], dec_share[i]), i))
+    used_enc, used_dec = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    members: list[list[int]] = [[] for _ in range(rows)]
+    never = np.iinfo(np.int64).max
+    for i in order:
+        e, d = int(enc_len[i]), int(dec_len[i])
+        fits = (used_enc + e <= enc_budget) & (used_dec + d <= dec_budget)
+        if not fits.any():
+            return None
+        score = used_dec if dec_share[i] > enc_share[i] else enc_budget - used_enc
+        r = int(np.argmin(np.where(fits, score, never)))
+        used_enc[r] += e
+        used_dec[r] += d
+        members[r].append(int(i))
+    return [m for m in members if m]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +144,7 @@ class Repacker:
     targets_length: int = 256
     rows_multiple: int = 1
     rows_bucket: int = 8
+    max_tries: int = 64  # shapes tried per batch before one sequence per row
     agree: bool = True  # multi-process: every process uses the largest shape any of them needs
     padded_tokens: int = 0
     computed_tokens: int = 0
@@ -145,30 +172,53 @@ class Repacker:
             out[t] = (round_up(int(m.sum()), self.rows_multiple), e, d)
         return out
 
-    def _best_packing(self, enc_len: np.ndarray, dec_len: np.ndarray) -> tuple[Shape, list[list[int]]]:
-        """Row lengths from the buckets at 1x, 2x and 4x the longest sequence: the cheapest packing wins.
+    def candidates(self, count: int, e_max: int, d_max: int, e_sum: int, d_sum: int) -> list[Shape]:
+        """Step shapes for batches of at most ``count`` sequences, ``e_max``/``d_max`` tokens long and ``e_sum``/
+        ``d_sum`` tokens in all: the ``max_tries`` cheapest whose budgets hold the tokens, in order of cost ~ FLOPs,
+        rows x (E + DECODER_TOKEN_COST x T + (E^2 + T^2 + E T) / ATTENTION_PAIRS_PER_TOKEN); then one sequence per
+        row, which always fits."""
+        enc = np.array(sorted({bucket(n, self.inputs_length, PACKED_LENGTHS) for n in (e_max, *PACKED_LENGTHS) if n >= e_max}))
+        dec = np.array(sorted({bucket(n, self.targets_length, PACKED_LENGTHS) for n in (d_max, *PACKED_LENGTHS) if n >= d_max}))
+        rows = np.arange(self.rows_bucket, round_up(count, self.rows_bucket) + 1, self.rows_bucket)
+        n, e, t = (a.ravel() for a in np.meshgrid(rows, enc, dec, indexing="ij"))
+        ok = (n * e >= e_sum) & (n * t >= d_sum)
+        cost = n * (e + DECODER_TOKEN_COST * t + (e * e + t * t + e * t) / ATTENTION_PAIRS_PER_TOKEN)
+        order = np.flatnonzero(ok)[np.argsort(cost[ok], kind="stable")][: self.max_tries]
+        return [Shape(int(n[k]), int(e[k]), int(t[k])) for k in order] + [Shape(int(rows[-1]), int(enc[0]), int(dec[0]))]
 
-        Cost ~ tokens computed, with attention's quadratic part: rows * (E + T) * (1 + (E + T) / 1024).
-        """
-        enc = bucket(int(enc_len.max(initial=1)), self.inputs_length)
-        dec = bucket(int(dec_len.max(initial=1)), self.targets_length)
-        best = None
-        for e in sorted({bucket(enc * f, self.inputs_length) for f in (1, 2, 4)}):
-            for t in sorted({bucket(dec * f, self.targets_length) for f in (1, 2, 4)}):
-                rows = first_fit(enc_len, dec_len, e, t)
-                n = max(round_up(len(rows), self.rows_bucket), self.rows_bucket)
-                cost = n * (e + t) * (1 + (e + t) / 1024)
-                if best is None or cost < best[0]:
-                    best = (cost, Shape(n, e, t), rows)
-        assert best is not None  # the loops above try at least one shape
-        return best[1], best[2]
+    def packing(self, lengths: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Shape, list[list[list[int]]]]:
+        """One shape for every input shard of every process, the cheapest of ``candidates`` that ``pack_rows`` fills
+        for all of them, and each shard's rows at that shape (``lengths``: each shard's real encoder and decoder
+        lengths). Processes agree on the batch statistics, then on the first candidate every one of them fills."""
+        stats = [
+            [max(1, int(((e > 0) | (d > 0)).sum())), int(e.max(initial=1)), int(d.max(initial=1)), int(e.sum()), int(d.sum())]
+            for e, d in lengths
+        ]  # fmt: skip
+        cands = self.candidates(*(int(x) for x in self._agree(np.max(stats, axis=0)[None])[0]))
+        tried: dict[int, list[list[list[int]] | None]] = {}
+
+        def fills(i: int) -> bool:
+            if i not in tried:
+                tried[i] = [pack_rows(e, d, cands[i].rows, cands[i].enc, cands[i].dec) for e, d in lengths]
+            return all(rows is not None for rows in tried[i])
+
+        k = 0
+        while True:  # every process sees the same maxima, so they all stop on the same round
+            local = next((i for i in range(k, len(cands) - 1) if fills(i)), len(cands) - 1)
+            agreed = int(self._agree(np.array([[local]]))[0, 0])
+            if agreed == k:
+                break
+            k = agreed
+        if k == len(cands) - 1:  # one sequence per row
+            return cands[k], [[[int(i)] for i in np.flatnonzero((e > 0) | (d > 0))] for e, d in lengths]
+        return cands[k], [rows for rows in tried[k] if rows is not None]  # every shard's, as fills(k) held
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.repack([batch])
 
     def repack(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Each input shard's batch (``parts``) repacked on its own, all at one shape (the largest that any shard
-        of any process needs), then side by side: one process reading n shards yields the rows that n processes
+        """Each input shard's batch (``parts``) repacked on its own, all at one shape (bucketed: the largest that
+        any shard of any process needs; packed: one that every shard of every process fills), then side by side: one process reading n shards yields the rows that n processes
         reading one shard each assemble, so a single-host run reproduces a multi-host one."""
         if self.mode == "padded":
             return side_by_side(parts)
@@ -181,12 +231,8 @@ class Repacker:
             shapes = self._agree(np.max([self.task_shapes(b) for b in parts], axis=0))
             outs = [self._bucketed(b, shapes, (e > 0) | (d > 0)) for b, (e, d) in zip(parts, lengths, strict=True)]
         else:
-            packings = [self._best_packing(e, d) for e, d in lengths]
-            agreed = self._agree(np.max([[s.rows, s.enc, s.dec] for s, _ in packings], axis=0)[None])[0]
-            shape = Shape(*(int(x) for x in agreed))
-            if any(len(rows) > shape.rows for _, rows in packings):  # cannot happen: the agreed shape is the largest
-                raise AssertionError("packed rows exceed the agreed row count")
-            outs = [self._pack(b, shape, rows, e, d) for b, (_, rows), (e, d) in zip(parts, packings, lengths, strict=True)]
+            shape, packed = self.packing(lengths)
+            outs = [self._pack(b, shape, rows, e, d) for b, rows, (e, d) in zip(parts, packed, lengths, strict=True)]
         out = side_by_side(outs)
         self.computed_tokens += computed_tokens(out)
         return out
