@@ -114,9 +114,9 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
             f"--gin_file={TOY_GIN}",
             f"--root={root}",
             "--grid",
-            "losses.LossConfig.alpha=0.3,0.7",
+            "losses.LossConfig.alpha=0.5",  # the toy runs' alpha, so their compiled step is the other tests' one
             "--grid",
-            "registry.DataOptions.train_fraction=0.5",
+            "registry.DataOptions.train_fraction=0.5,1.0",
             f"--gin.USER_TRAIN='{toy_jsonl}'",
             "--gin.TRAIN_STEPS=4",
             "--gin.train.train.eval_every=4",
@@ -129,13 +129,13 @@ def test_sweep_then_report(tmp_path, toy_jsonl):
         timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in root.iterdir()) == ["alpha=0.3,train_fraction=0.5", "alpha=0.7,train_fraction=0.5"]
+    assert sorted(p.name for p in root.iterdir()) == ["alpha=0.5,train_fraction=0.5", "alpha=0.5,train_fraction=1.0"]
     r = subprocess.run(
         [sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
     table = (root / "report" / "results.md").read_text()
-    assert "| alpha=0.3,train_fraction=0.5 | toy | dss | gold | 0.30 | 0.50 |" in table
+    assert "| alpha=0.5,train_fraction=0.5 | toy | dss | gold | 0.50 | 0.50 |" in table
     assert (root / "report" / "accuracy_vs_data.png").stat().st_size > 1000
     assert len((root / "report" / "results.csv").read_text().splitlines()) == 3
 

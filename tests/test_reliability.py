@@ -349,14 +349,14 @@ def test_data_iterator_state_is_compressed_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_a_long_run_keeps_data_states_only_for_kept_checkpoints(tmp_path, toy_jsonl):
-    """10k steps with checkpoint_every 500 and keep 2, scaled down: 40 steps, a checkpoint every 2, keep 2 (+ the
-    best on validation): 20 saves leave at most 3 data-iterator states, each beside its checkpoint (35 MB each for
+    """10k steps with checkpoint_every 500 and keep 2, scaled down: 20 steps, a checkpoint every 2, keep 2 (+ the
+    best on validation): 10 saves leave at most 3 data-iterator states, each beside its checkpoint (35 MB each for
     this toy run: they are pruned with their checkpoints)."""
     run = tmp_path / "long"
     cmd = train_cmd(
         run,
         toy_jsonl,
-        "--gin.TRAIN_STEPS=40",
+        "--gin.TRAIN_STEPS=20",
         "--gin.train.train.checkpoint_every=2",
         "--gin.train.train.keep_checkpoints=2",
         "--gin.train.train.eval_every=10",
@@ -366,7 +366,7 @@ def test_a_long_run_keeps_data_states_only_for_kept_checkpoints(tmp_path, toy_js
     r = subprocess.run(cmd, env=xla_env(1), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     kept = _steps(run / "checkpoints")
-    assert kept[-2:] == [38, 40] and len(kept) <= 3, kept  # keep 2 + the best
+    assert kept[-2:] == [18, 20] and len(kept) <= 3, kept  # keep 2 + the best
     assert _steps(run / "data") == kept
     for s in kept:  # each kept state is whole: its files and their digest record
         files = {p.name for p in (run / "data" / str(s)).iterdir()}

@@ -273,7 +273,6 @@ def test_dss_eval_after_the_training_file_changed_gives_the_same_predictions(tmp
         "--gin.train.train.checkpoint_every=20",
         "--gin.train.train.log_every=10",
         "--gin.train.train.evaluate_test=False",
-        "--gin.optim.learning_rate_schedule.base_learning_rate=3e-3",
         f"--gin.pipeline.SeqioData.user_validation_file='{val}'",
         f"--gin.pipeline.SeqioData.user_test_file='{test}'",
     )

@@ -506,7 +506,7 @@ def test_end_to_end_a_served_student_teaches_and_its_output_trains(tmp_path, toy
             "dss_jax.serve",
             f"--model_dir={student}",
             f"--port={port}",
-            "--max_batch=8",
+            "--max_batch=4",
             "--max_wait_ms=20",
             "--no_precompile",
         ],
