@@ -1,5 +1,6 @@
-"""Two local processes x 4 CPU devices form one 8-device mesh: training matches the single-process
-8-device run (same input shards), and the checkpoint they wrote restores in one process."""
+"""Two local processes x 2 CPU devices form one 4-device mesh (parameters sharded over both processes, fsdp and
+model parallel): training matches the single-process 4-device run (same input shards), and the checkpoint they
+wrote restores in one process."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ from conftest import REPO, train_cmd, xla_env
 
 pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
-MESH = ["--gin.partitioning.MeshConfig.data=2", "--gin.partitioning.MeshConfig.fsdp=2", "--gin.partitioning.MeshConfig.model=2"]
+MESH = ["--gin.partitioning.MeshConfig.data=1", "--gin.partitioning.MeshConfig.fsdp=2", "--gin.partitioning.MeshConfig.model=2"]
 
 
 def _train_cmd(model_dir, toy):
@@ -41,7 +42,7 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
             "--num_processes",
             "2",
             "--devices_per_process",
-            "4",
+            "2",
             "--log_dir",
             str(tmp_path / "logs"),
             "--timeout",
@@ -54,7 +55,7 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
         timeout=900,
     )
     assert r.returncode == 0, r.stderr[-4000:]
-    r = subprocess.run(_train_cmd(single, toy_jsonl), env=xla_env(8), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(_train_cmd(single, toy_jsonl), env=xla_env(4), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)
     assert len(_losses(multi)) == 10
