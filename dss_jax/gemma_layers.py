@@ -51,6 +51,7 @@ def _attend(cfg: GemmaConfig, q: Array, k: Array, v: Array, bias: attn.Bias, pos
         k_block=cfg.attention_k_block,
         dropout_rng=rng,
         dropout_rate=cfg.attention_dropout,
+        skip=cfg.attention_skip,
         **kw,
     )
 

@@ -109,6 +109,7 @@ class T5Config(ConfigMethods):
     attention_impl: str = "auto"
     attention_q_block: int = 512
     attention_k_block: int = 512
+    attention_skip: str = "auto"  # which key blocks to skip (attention.attention's ``skip``; see trainer.for_mesh)
 
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
@@ -391,6 +392,7 @@ class Attention(nn.Module):
                 k_block=cfg.attention_k_block,
                 dropout_rng=rng,
                 dropout_rate=cfg.dropout_rate,
+                skip=cfg.attention_skip,
             )
 
         out = per_input_cross(run, q, k, v, pos) if self.cross else run(q, k, v, pos)

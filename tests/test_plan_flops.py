@@ -52,20 +52,21 @@ def test_a_loop_body_counts_once_per_trip(strip):
     assert got["flops"] == pytest.approx(want, rel=0.01)
 
 
-def _train_step_text(scan: bool, microbatches: int = 1) -> tuple[str, float]:
+def _train_step_text(scan: bool, microbatches: int = 1, devices: int = 1, enc: int = 32, skip: str = "auto") -> tuple[str, float]:
     cfg = configs.model_config(
         "t5_1_1_tiny", dtype="float32", dropout_rate=0.0, remat_policy="full", scan_layers=scan, attention_q_block=64,
-        attention_k_block=64,
+        attention_k_block=64, attention_skip=skip,
     )  # fmt: skip
     tx = optax.adamw(1e-3)
     mc = partitioning.MeshConfig(data=-1)
-    mesh = partitioning.make_mesh(mc, jax.devices()[:1])
+    mesh = partitioning.make_mesh(mc, jax.devices()[:devices])
     layout = trainer.state_layout(cfg, tx, mesh, mc.rules)
     bsh = partitioning.batch_sharding(mesh, mc.rules)
     step = trainer.jit_train_step(cfg, tx, losses.LossConfig(), microbatches, 0, layout, bsh, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings)
-    lengths = {"encoder_input_tokens": 32, "decoder_input_tokens": 8, "decoder_target_tokens": 8, "decoder_loss_weights": 8}
-    batch = {k: jax.ShapeDtypeStruct((4, n), jnp.int32, sharding=bsh) for k, n in {**lengths, "decoder_task_ids": 8}.items()}
+    lengths = {"encoder_input_tokens": enc, "decoder_input_tokens": 8, "decoder_target_tokens": 8, "decoder_loss_weights": 8}
+    rows = max(4, devices)
+    batch = {k: jax.ShapeDtypeStruct((rows, n), jnp.int32, sharding=bsh) for k, n in {**lengths, "decoder_task_ids": 8}.items()}
     compiled = step.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     return compiled.as_text(), float((cost[0] if isinstance(cost, list) else cost)["flops"])
@@ -83,6 +84,19 @@ def test_scanned_layers_count_as_the_unrolled_program():
     # the same within 5%: the scanned program does a little work of its own (the layer loop's bookkeeping, the
     # relative-position bias per layer), while the loop counted once would be off by the layer count
     assert scanned["flops"] == pytest.approx(unrolled_xla, rel=0.05)
+
+
+@pytest.mark.slow
+def test_rows_split_over_devices_each_compute_only_their_own_attention():
+    """Rows longer than an attention block, split over 8 devices: the step skips key blocks across the batch, so each
+    device computes its own rows' attention; skipping row by row loops over the rows, which XLA cannot split, so
+    every device gathers and computes all of them."""
+    auto, _ = _train_step_text(scan=True, devices=8, enc=256)
+    per_row, _ = _train_step_text(scan=True, devices=8, enc=256, skip="rows")
+    assert flops.loop_scaled_cost(auto)["flops"] < 0.5 * flops.loop_scaled_cost(per_row)["flops"]
+    one = partitioning.make_mesh(partitioning.MeshConfig(data=-1), jax.devices()[:1])
+    cfg = configs.model_config("t5_1_1_tiny")
+    assert trainer.for_mesh(cfg, one) is cfg and cfg.attention_skip == "auto"  # one device: row by row
 
 
 @pytest.mark.slow
