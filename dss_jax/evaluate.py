@@ -95,7 +95,7 @@ def _restore(step_dir: Path, model_dir: Path) -> tuple[ModelConfig, Any, Any]:
     mesh_cfg = partitioning.MeshConfig()
     mesh = partitioning.make_mesh(mesh_cfg)
     shardings = partitioning.params_shardings(abstract_boxed_params(cfg), mesh, mesh_cfg.rules)
-    return cfg, checkpoints.restore_train_params(step_dir, cfg, shardings), mesh
+    return partitioning.for_mesh(cfg, mesh), checkpoints.restore_train_params(step_dir, cfg, shardings), mesh
 
 
 def evaluate_step_dir(

@@ -122,7 +122,7 @@ class GemmaConfig(ConfigMethods):
     attention_impl: str = "auto"
     attention_q_block: int = 512
     attention_k_block: int = 512
-    attention_skip: str = "auto"  # which key blocks to skip (attention.attention's ``skip``; see trainer.for_mesh)
+    attention_skip: str = "auto"  # which key blocks to skip (attention.attention's ``skip``; see partitioning.for_mesh)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder", _stack(self.encoder))

@@ -109,7 +109,7 @@ class T5Config(ConfigMethods):
     attention_impl: str = "auto"
     attention_q_block: int = 512
     attention_k_block: int = 512
-    attention_skip: str = "auto"  # which key blocks to skip (attention.attention's ``skip``; see trainer.for_mesh)
+    attention_skip: str = "auto"  # which key blocks to skip (attention.attention's ``skip``; see partitioning.for_mesh)
 
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:

@@ -20,6 +20,8 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dss_jax.model import ModelConfig
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -156,3 +158,13 @@ def maybe_initialize_distributed() -> None:
         )
     elif os.environ.get("DSS_AUTO_DISTRIBUTED") == "1":
         jax.distributed.initialize()
+
+
+def for_mesh(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
+    """``cfg`` for steps whose rows are split over ``mesh``'s batch axes (data x fsdp): attention skips key blocks
+    across the batch (``attention_skip='batch'``) instead of row by row, since a loop over rows cannot be split
+    across devices (XLA gathers the rows, and every device computes every row's attention). One device or
+    unsplit rows: ``cfg`` as it is."""
+    if cfg.attention_skip != "auto" or mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) == 1:
+        return cfg
+    return dataclasses.replace(cfg, attention_skip="batch")

@@ -318,16 +318,6 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def for_mesh(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
-    """``cfg`` for steps whose rows are split over ``mesh``'s batch axes (data x fsdp): attention skips key blocks
-    across the batch (``attention_skip='batch'``) instead of row by row, since a loop over rows cannot be split
-    across devices (XLA gathers the rows, and every device computes every row's attention). One device or
-    unsplit rows: ``cfg`` as it is."""
-    if cfg.attention_skip != "auto" or mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) == 1:
-        return cfg
-    return dataclasses.replace(cfg, attention_skip="batch")
-
-
 def jit_train_step(
     cfg: ModelConfig,
     tx: optax.GradientTransformation,
@@ -343,7 +333,7 @@ def jit_train_step(
     """The jitted ``train_step``, its dropout masks drawn by ``rng_impl`` (one of ``RNG_IMPLS``)."""
     fn = functools.partial(
         train_step,
-        cfg=for_mesh(cfg, mesh),
+        cfg=partitioning.for_mesh(cfg, mesh),
         tx=tx,
         loss_cfg=loss_cfg,
         microbatches=microbatches,
@@ -361,7 +351,7 @@ def jit_train_step(
 
 def jit_eval_step(cfg: ModelConfig, layout: StateLayout, batch_sharding: NamedSharding, mesh: Mesh) -> Callable:
     return jax.jit(
-        functools.partial(eval_step, cfg=for_mesh(cfg, mesh)),
+        functools.partial(eval_step, cfg=partitioning.for_mesh(cfg, mesh)),
         in_shardings=(layout.shardings.params, batch_sharding),
         out_shardings=partitioning.replicated(mesh),
     )

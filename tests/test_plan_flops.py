@@ -96,7 +96,7 @@ def test_rows_split_over_devices_each_compute_only_their_own_attention():
     assert flops.loop_scaled_cost(auto)["flops"] < 0.5 * flops.loop_scaled_cost(per_row)["flops"]
     one = partitioning.make_mesh(partitioning.MeshConfig(data=-1), jax.devices()[:1])
     cfg = configs.model_config("t5_1_1_tiny")
-    assert trainer.for_mesh(cfg, one) is cfg and cfg.attention_skip == "auto"  # one device: row by row
+    assert partitioning.for_mesh(cfg, one) is cfg and cfg.attention_skip == "auto"  # one device: row by row
 
 
 @pytest.mark.slow
