@@ -38,14 +38,14 @@ BUCKETED_LENGTHS = (8, 16, 32, 48, 64, 80, 96, 112, 128) + LENGTH_BUCKETS[6:]
 # Packed row lengths: steps of 8 up to 128, then ~6% steps (16 to 256, 32 to 512, 64 to 1024); the row count's
 # steps (multiples of rows_bucket) and the choice between encoder and decoder lengths take up the rest. On the
 # paper's CQA batches (128 sequences, rows in 8s) a run compiles ~5 step shapes in 40 batches (e-SNLI, SVAMP:
-# 10-14), computing ~1.09x the tokens' real FLOPs against ~1.3x for first-fit at 1x/2x/4x the longest sequence.
+# 10-14), computing ~1.08x the tokens' real FLOPs against ~1.3x for first-fit at 1x/2x/4x the longest sequence.
 PACKED_LENGTHS = tuple(range(16, 128, 8)) + tuple(range(128, 256, 16)) + tuple(range(256, 512, 32))
 PACKED_LENGTHS += tuple(range(512, 1024, 64)) + (1024, 1280, 1536, 2048)
 # A decoder token's matmuls (self-attention, cross-attention's query and output, the MLP, the output head) against
 # an encoder token's (its layer, and the keys and values each decoder layer's cross-attention makes of it):
 # ~1.25 in T5 v1.1 base (flops.model_shape).
 DECODER_TOKEN_COST = 1.25
-# A computed (query, key) pair of attention costs ~4 x width FLOPs a layer, a token's matmuls ~2 x 8M in T5 v1.1
+# A computed (query, key) pair of attention costs ~4 x width FLOPs a layer, a token's matmuls ~2 x 7M in T5 v1.1
 # base: a pair is ~1/4,096 of a token there (more in smaller models, less in larger ones).
 ATTENTION_PAIRS_PER_TOKEN = 4096.0
 ENC_KEYS = ("encoder_input_tokens",)
@@ -105,7 +105,7 @@ def pack_rows(enc_len: np.ndarray, dec_len: np.ndarray, rows: int, enc_budget: i
     Sequences heavier on the decoder side than on the encoder side (relative to the budgets: DSS rationales) go
     first, each to the row that takes it with the least decoder load, which spreads them evenly; the others (label
     sequences) then go best-fit by encoder room. Each kind in decreasing size. A first-fit by encoder length
-    stacks rationales into the first rows and leaves the decoder budget of the others a third used.
+    stacks rationales into the first rows and leaves about half of the decoder slots empty.
     """
     idx = np.flatnonzero((enc_len > 0) | (dec_len > 0))
     if max(np.sum(2 * enc_len > enc_budget), np.sum(2 * dec_len > dec_budget)) > rows:
@@ -145,7 +145,7 @@ class Repacker:
     rows_multiple: int = 1
     rows_bucket: int = 8
     max_tries: int = 64  # shapes tried per batch before one sequence per row
-    agree: bool = True  # multi-process: every process uses the largest shape any of them needs
+    agree: bool = True  # multi-process: every process agrees on the step's shape (``repack``)
     padded_tokens: int = 0
     computed_tokens: int = 0
     real_tokens: int = 0
@@ -218,8 +218,9 @@ class Repacker:
 
     def repack(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Each input shard's batch (``parts``) repacked on its own, all at one shape (bucketed: the largest that
-        any shard of any process needs; packed: one that every shard of every process fills), then side by side: one process reading n shards yields the rows that n processes
-        reading one shard each assemble, so a single-host run reproduces a multi-host one."""
+        any shard of any process needs; packed: one that every shard of every process fills), then side by side:
+        one process reading n shards yields the rows that n processes reading one shard each assemble, so a
+        single-host run reproduces a multi-host one."""
         if self.mode == "padded":
             return side_by_side(parts)
         lengths = [real_lengths(b) for b in parts]

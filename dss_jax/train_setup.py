@@ -85,8 +85,9 @@ class Run:
         self, split: str, max_examples: int | None = -1, decode_always: bool = False
     ) -> evaluators.SplitEvaluators:
         placement = evaluators.Placement(self.local_batch, self.bsharding)
+        cfg = partitioning.for_mesh(self.model_config, self.mesh)  # decoding's encoder pass splits rows too
         return evaluators.build(
-            self.data, self.model_config, self.eval_fn, split, placement, max_examples=max_examples, decode_always=decode_always
+            self.data, cfg, self.eval_fn, split, placement, max_examples=max_examples, decode_always=decode_always
         )
 
 
