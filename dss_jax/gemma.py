@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dss_jax import attention as attn
 from dss_jax.gemma_layers import GemmaEmbed, GemmaRMSNorm, ropes, run_layers
 from dss_jax.model import ConfigMethods, Dense, EncoderDecoder, _constrain, _dtype, _segments, decoder_masks
 
@@ -129,6 +130,8 @@ class GemmaConfig(ConfigMethods):
         object.__setattr__(self, "decoder", _stack(self.decoder))
         if self.family not in FAMILIES:
             raise ValueError(f"GemmaConfig.family={self.family!r}; expected one of {FAMILIES}")
+        if self.attention_skip not in attn.SKIPS:
+            raise ValueError(f"GemmaConfig.attention_skip={self.attention_skip!r}; expected one of {attn.SKIPS}")
         self._check_numerics()
         if self.family == "t5gemma2" and self.encoder.hidden_size != self.decoder.hidden_size:
             raise ValueError("GemmaConfig: T5Gemma 2 needs encoder.hidden_size == decoder.hidden_size (one shared embedding)")

@@ -114,6 +114,8 @@ class T5Config(ConfigMethods):
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}")
+        if self.attention_skip not in attn.SKIPS:
+            raise ValueError(f"T5Config.attention_skip={self.attention_skip!r}; expected one of {attn.SKIPS}")
         self._check_numerics()
         for name in (
             "vocab_size",
