@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gin
 import jax
@@ -20,7 +20,8 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dss_jax.model import ModelConfig
+if TYPE_CHECKING:  # annotations only: partitioning needs no model code
+    from dss_jax.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
