@@ -57,8 +57,8 @@ def make_data(data: Any = gin.REQUIRED) -> Any:
     return data
 
 
-def _load_data(model_dir: Path, files: list[str], bindings: list[str], trust_config_gin: bool) -> Any:
-    """The run's data from the model dir's data spec (JSON) and vocabulary; its config.gin only when trusted."""
+def _read_data_spec(model_dir: Path, trust_config_gin: bool) -> dict[str, Any] | None:
+    """The model dir's data spec (JSON); None for a trusted model dir without one (its config.gin is read instead)."""
     fmt_file = model_dir / "inference.json"
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model dir (pass the --model_dir a dss-train run wrote)")
@@ -68,6 +68,11 @@ def _load_data(model_dir: Path, files: list[str], bindings: list[str], trust_con
             f"{fmt_file} has no data spec (written before dss-eval read model dirs as data). Its config.gin is code: "
             "if you trust this model dir, rerun with --trust_config_gin"
         )
+    return spec
+
+
+def _load_data(model_dir: Path, spec: dict[str, Any] | None, files: list[str], bindings: list[str]) -> Any:
+    """The run's data from the model dir's data spec and vocabulary, or (no spec) from its trusted config.gin."""
     if spec is None:
         gin_utils.parse_gin([str(model_dir / "config.gin"), *files], [_DATA_BINDING, *_MESH_DEFAULT, *bindings], finalize=False)
         return make_data()
@@ -246,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     files, bindings, rest = gin_utils.split_gin_args(argv)
     args = _parser().parse_args(rest)
     logs.setup_logging()
-    if not args.verbose:
-        logs.quiet_data_layer_imports()
     model_dir = Path(args.model_dir).resolve()
     out_dir = Path(args.output_dir) if args.output_dir else model_dir / "eval"
     try:
-        data = _load_data(model_dir, files, bindings, args.trust_config_gin)
-        _check_model_config(model_dir)
+        spec = _read_data_spec(model_dir, args.trust_config_gin)
+        _check_model_config(model_dir)  # a model dir's files are checked before TensorFlow's seconds of start-up
+        if not args.verbose:
+            logs.quiet_data_layer_imports()
+        data = _load_data(model_dir, spec, files, bindings)
         # a binding that nothing reads is an error (the mesh is made per checkpoint; a trusted config.gin is the
         # training run's, mostly unread here)
         gin_utils.check_bindings_read("dss-eval", pending=["partitioning.MeshConfig"], exempt_files=[model_dir / "config.gin"])

@@ -28,6 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def xla_flags(flags: str, devices: int) -> str:
+    """The caller's XLA_FLAGS with this process's CPU device count (any other count replaced, every other flag kept)."""
+    count = "--xla_force_host_platform_device_count"
+    kept = [f for f in flags.split() if not f.startswith(count)]
+    return " ".join([f"{count}={devices}", *kept])
+
+
 def launch(command: list[str], num_processes: int, devices_per_process: int, log_dir: Path, timeout: float) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -39,7 +46,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, log
             DSS_NUM_PROCESSES=str(num_processes),
             DSS_PROCESS_ID=str(i),
             JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+            XLA_FLAGS=xla_flags(os.environ.get("XLA_FLAGS", ""), devices_per_process),
         )
         log = open(log_dir / f"process_{i}.log", "w")
         procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))

@@ -31,6 +31,16 @@ def small_t5(**overrides: Any):
     return tiny_t5(**{**SMALL_T5, **overrides})
 
 
+def logits(cfg, params, *inputs):
+    """The model's logits for ``inputs`` (encoder tokens, decoder inputs, segment ids...) under one ``jax.jit``:
+    eager flax runs the forward op by op, compiling each op for each new shape."""
+    import jax
+
+    from dss_jax.model import build
+
+    return jax.jit(lambda p, *x: build(cfg).apply({"params": p}, *x))(params, *inputs)
+
+
 def hf_t5_config(gated: bool = True, **overrides: Any):
     """A small ``transformers.T5Config``: v1.1-style (gated-gelu, untied head) when ``gated``, v1.0-style (relu,
     tied) otherwise; 2 + 2 layers of width 32."""

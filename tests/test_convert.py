@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from factories import logits
 from safetensors.numpy import load_file, save_file
 
 from dss_jax import checkpoints, convert, model
@@ -52,8 +53,8 @@ def test_converted_checkpoint_restores_into_scanned_layout(hf_dir_factory, tmp_p
     scanned, scfg, _ = checkpoints.load_pretrained(tmp_path / "dss", cfg.replace(scan_layers=True, dtype="float32"))
     assert scanned["encoder"]["layers"]["attention"]["query"]["kernel"].shape[0] == cfg.num_encoder_layers
     ids = jnp.array([[5, 6, 7, 1]])
-    a = model.T5(cfg.replace(dtype="float32")).apply({"params": params}, ids, model.shift_right(ids))
-    b = model.T5(scfg).apply({"params": scanned}, ids, model.shift_right(ids))
+    a = logits(cfg.replace(dtype="float32"), params, ids, model.shift_right(ids))
+    b = logits(scfg, scanned, ids, model.shift_right(ids))
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4
 
 

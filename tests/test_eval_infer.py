@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import foreign_log_lines, train_cmd, xla_env
+from factories import logits
 
 pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
@@ -153,7 +154,7 @@ def test_export_hf_loads_in_transformers_and_matches(trained_on_8, tmp_path):
     params = checkpoints.restore_train_params(checkpoints.resolve_step_dir(model_dir), cfg)
     ids = np.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
     tgt = np.array([[3, 4, 1], [7, 1, 0]])
-    ours = np.asarray(model.T5(cfg).apply({"params": params}, ids, model.shift_right(tgt)))
+    ours = np.asarray(logits(cfg, params, ids, model.shift_right(tgt)))
     with torch.no_grad():
         theirs = hf(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0).long(), labels=torch.tensor(tgt)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import hf_t5
-from factories import tiny_t5
+from factories import logits, tiny_t5
 
 from dss_jax import convert, decoding, model
 
@@ -36,9 +36,9 @@ def test_logits_and_loss_match_hf(gated):
         out = hf(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor((ids != 0).astype(np.int64)), labels=torch.tensor(labels)
         )
-    logits = model.T5(cfg).apply({"params": params}, jnp.asarray(ids), model.shift_right(labels))
-    assert np.abs(np.asarray(logits) - out.logits.numpy()).max() <= 1e-4
-    logp = jax.nn.log_softmax(logits)
+    ours = logits(cfg, params, ids, model.shift_right(labels))
+    assert np.abs(np.asarray(ours) - out.logits.numpy()).max() <= 1e-4
+    logp = jax.nn.log_softmax(ours)
     loss = -jnp.take_along_axis(logp, jnp.asarray(labels)[..., None], axis=-1).mean()
     assert abs(float(loss) - float(out.loss)) <= 1e-4
 
@@ -83,12 +83,13 @@ def test_scan_and_remat_compute_the_same_function():
     hf = hf_t5(True)
     params, cfg = _convert(hf)
     ids, labels = _inputs()
-    ref = model.T5(cfg).apply({"params": params}, jnp.asarray(ids), model.shift_right(labels))
+
+    ref = logits(cfg, params, ids, model.shift_right(labels))
     for policy in ("full", "minimal"):
         cfg2 = cfg.replace(scan_layers=True, remat_policy=policy)
-        out = model.T5(cfg2).apply({"params": convert.stack_layers(params)}, jnp.asarray(ids), model.shift_right(labels))
+        out = logits(cfg2, convert.stack_layers(params), ids, model.shift_right(labels))
         assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= 1e-4
-        grads = jax.grad(lambda p, c=cfg2: model.T5(c).apply({"params": p}, jnp.asarray(ids), model.shift_right(labels)).sum())(
+        grads = jax.jit(jax.grad(lambda p, c=cfg2: logits(c, p, ids, model.shift_right(labels)).sum()))(
             convert.stack_layers(params)
         )
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
@@ -99,7 +100,6 @@ def test_packed_segments_do_not_see_each_other():
     """Two examples packed in one row give the same logits as each alone."""
     hf = hf_t5(True)
     params, cfg = _convert(hf)
-    m = model.T5(cfg)
     a_in, a_tg = np.array([5, 6, 7, 1]), np.array([8, 9, 1])
     b_in, b_tg = np.array([11, 12, 1]), np.array([13, 1])
     enc = np.concatenate([a_in, b_in, [0]])[None]
@@ -107,9 +107,9 @@ def test_packed_segments_do_not_see_each_other():
     tgt = np.concatenate([a_tg, b_tg, [0]])[None]
     dec_seg = np.array([[1, 1, 1, 2, 2, 0]])
     dec_in = np.array([[0, 8, 9, 0, 13, 0]])  # each segment starts with the decoder start token
-    packed = m.apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in), jnp.asarray(enc_seg), jnp.asarray(dec_seg))
-    alone_a = m.apply({"params": params}, jnp.asarray(a_in[None]), model.shift_right(a_tg[None]))
-    alone_b = m.apply({"params": params}, jnp.asarray(b_in[None]), model.shift_right(b_tg[None]))
+    packed = logits(cfg, params, enc, dec_in, enc_seg, dec_seg)
+    alone_a = logits(cfg, params, a_in[None], model.shift_right(a_tg[None]))
+    alone_b = logits(cfg, params, b_in[None], model.shift_right(b_tg[None]))
     assert np.abs(np.asarray(packed[0, :3]) - np.asarray(alone_a[0])).max() <= 1e-4
     assert tgt.shape == (1, 6)
     # The second segment's relative positions start at its own offset; T5 biases depend on differences only.

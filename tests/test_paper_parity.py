@@ -68,9 +68,12 @@ def _jax_step(params, cfg, enc_l, lab, enc_r, rat, alpha):
     mesh = partitioning.make_mesh(mc, jax.devices()[:1])
     layout = trainer.state_layout(cfg, tx, mesh, mc.rules)
     state = trainer.init_state(cfg, tx, layout, 0, params)
-    new, m = trainer.train_step(
-        state, batch, cfg=cfg, tx=tx, loss_cfg=losses.LossConfig(alpha=alpha), microbatches=1, seed_key=jax.random.PRNGKey(0)
+    step = jax.jit(  # eager flax would run op by op
+        lambda s, b, k: trainer.train_step(
+            s, b, cfg=cfg, tx=tx, loss_cfg=losses.LossConfig(alpha=alpha), microbatches=1, seed_key=k
+        )
     )
+    new, m = step(state, batch, jax.random.PRNGKey(0))
     upd = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, state.params)
     return float(m["loss"]), float(m["grad_norm"]), convert.params_to_hf_state(upd, cfg)
 

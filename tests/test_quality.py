@@ -80,11 +80,13 @@ def test_several_rationales_per_input_are_weighted_so_each_input_counts_once(tmp
     """With ``rationales_per_input=2`` an input with two rationales yields two rationale examples, each weighted
     1/2: when its second rationale tokenizes like the first, every loss equals the one-rationale data's, although
     the inputs with two rationales now appear twice. Without the weights they would count double."""
+    import functools
+
     import jax
     import numpy as np
 
     from dss_jax import trainer
-    from dss_jax.model import T5
+    from dss_jax.model import init_params
     from dss_jax.tasks import pipeline, registry, vocab
 
     words = ["red", "blue", "green", "small", "large", "round", "square", "soft"]
@@ -100,7 +102,8 @@ def test_several_rationales_per_input_are_weighted_so_each_input_counts_once(tmp
     )
     v = vocab.get_vocabulary(train_on=one, vocab_size=60)
     cfg = tiny_t5()
-    params = T5(cfg).init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    eval_step = jax.jit(functools.partial(trainer.eval_step, cfg=cfg))  # eager flax would run op by op
 
     def measure(path, k):
         registry.register_user_data("kq", v, path, path, options=registry.DataOptions(rationales_per_input=k))
@@ -110,9 +113,9 @@ def test_several_rationales_per_input_are_weighted_so_each_input_counts_once(tmp
                 task, "train", 32, 32, 64, pack=False, shuffle=False, seed=0, num_epochs=1, drop_remainder=False
             )
             batch = {name: x.numpy() for name, x in next(iter(ds)).items()}
-            sums = jax.device_get(trainer.eval_step(params, batch, cfg=cfg))
+            sums = jax.device_get(eval_step(params, batch))
             flat = {**batch, "decoder_loss_weights": (batch["decoder_loss_weights"] > 0).astype(np.int32)}
-            unweighted = jax.device_get(trainer.eval_step(params, flat, cfg=cfg))
+            unweighted = jax.device_get(eval_step(params, flat))
             out[task] = {
                 "unweighted_rationale_loss": float(unweighted["rationale_loss_sum"] / unweighted["rationale_tokens"]),
                 "rows": int((batch["decoder_loss_weights"].sum(1) > 0).sum()),

@@ -11,6 +11,8 @@ from factories import tiny_t5
 
 from dss_jax import gin_utils, losses, train
 
+NO_EVAL = ("train.train.eval_every = 0",)  # for tests that compare train losses: no validation pass to compile
+
 
 def _train(tmp_path, name, toy, *bindings):
     gin.clear_config()
@@ -26,7 +28,7 @@ def _train(tmp_path, name, toy, *bindings):
 @pytest.mark.slow
 def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl, monkeypatch):
     assert jax.device_count() == 8
-    _, single, _ = _train(tmp_path, "one", toy_jsonl, "train.train.evaluate_test = False")
+    _, single, _ = _train(tmp_path, "one", toy_jsonl, "train.train.evaluate_test = False", *NO_EVAL)
     captured = {}
     real_jit = train.trainer.jit_train_step
 
@@ -41,6 +43,7 @@ def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl
         "mesh",
         toy_jsonl,
         "train.train.evaluate_test = False",
+        *NO_EVAL,
         "partitioning.MeshConfig.data = 2",
         "partitioning.MeshConfig.fsdp = 2",
         "partitioning.MeshConfig.model = 2",
@@ -60,7 +63,13 @@ def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl
 @pytest.mark.slow
 def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
     _, full, _ = _train(
-        tmp_path, "full", toy_jsonl, "TRAIN_STEPS = 6", "model.T5Config.dropout_rate = 0.0", "train.train.evaluate_test = False"
+        tmp_path,
+        "full",
+        toy_jsonl,
+        "TRAIN_STEPS = 6",
+        "model.T5Config.dropout_rate = 0.0",
+        "train.train.evaluate_test = False",
+        *NO_EVAL,
     )
     _, micro, _ = _train(
         tmp_path,
@@ -70,6 +79,7 @@ def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
         "model.T5Config.dropout_rate = 0.0",
         "train.train.microbatches = 4",
         "train.train.evaluate_test = False",
+        *NO_EVAL,
     )
     np.testing.assert_allclose(micro, full, rtol=1e-4)
 
