@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from factories import small_t5
+from factories import tiny_t5
 
 from dss_jax import attention as attn
 from dss_jax.model import T5, init_params, shift_right
@@ -292,7 +292,7 @@ def test_cudnn_path_names_what_it_cannot_do(kw):
 
 
 def _tiny(**kw):
-    return small_t5(relative_attention_num_buckets=8, relative_attention_max_distance=20, **kw)
+    return tiny_t5(relative_attention_num_buckets=8, relative_attention_max_distance=20, **kw)
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import gin
 import jax
 import numpy as np
 import pytest
-from factories import hf_t5_config
+from factories import hf_t5_config, tiny_t5
 
-from dss_jax import configs, gin_utils, optim
+from dss_jax import gin_utils, optim
 
 RUN_MACROS = {
     "dss.gin": ["INIT_CHECKPOINT = '/ckpt'", "SPM_PATH = '/ckpt/spiece.model'"],
@@ -87,7 +87,7 @@ def test_optimizers_step_on_a_sharded_mesh(name):
 
     from dss_jax import losses, partitioning, trainer
 
-    cfg = configs.model_config("t5_1_1_tiny", dtype="float32", dropout_rate=0.0, vocab_size=128)
+    cfg = tiny_t5(vocab_size=128)
     tx = optim.make_optimizer(name=name, learning_rate=1e-2)
     mesh_cfg = partitioning.MeshConfig(data=2, fsdp=2, model=2)
     mesh = partitioning.make_mesh(mesh_cfg)
@@ -172,7 +172,7 @@ def test_dropout_masks_follow_the_rng_impl_and_repeat_for_a_seed_and_step():
     (what resuming relies on); a name JAX does not know is refused naming the binding."""
     from dss_jax import losses, partitioning, train_setup, trainer
 
-    cfg = configs.model_config("t5_1_1_tiny", dtype="float32", dropout_rate=0.3, vocab_size=128)
+    cfg = tiny_t5(dropout_rate=0.3, vocab_size=128)
     tx = optim.make_optimizer(name="adamw", learning_rate=1e-2)
     mesh_cfg = partitioning.MeshConfig(data=1, fsdp=1, model=1)
     mesh = partitioning.make_mesh(mesh_cfg, jax.devices()[:1])

@@ -74,3 +74,14 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
     b = convert.flatten(checkpoints.restore_train_params(single / "checkpoints" / "10", cfg))
     for k in a:
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_the_launcher_keeps_the_callers_xla_flags_and_sets_each_process_device_count():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_launcher", REPO / "launch" / "local.py")
+    local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local)
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    assert local.xla_flags(flags, 2) == "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+    assert local.xla_flags("", 4) == "--xla_force_host_platform_device_count=4"

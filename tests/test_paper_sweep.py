@@ -1,5 +1,6 @@
-"""The paper's sweep specs: every arm of Table 2's comparison runs end to end on CPU (tiny model) and dss-report
-prints the paper's numbers beside the run's; seeds of a setting pool into mean and spread."""
+"""dss-sweep and dss-report: the paper's sweep specs expand to every arm of Table 2's comparison, a spec's arm with a
+data grid runs end to end on CPU (tiny model) and dss-report prints the paper's numbers beside the run's; seeds of a
+setting pool into mean and spread."""
 
 import json
 import os
@@ -63,7 +64,10 @@ def test_seeds_pool_into_mean_and_spread():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/dss is not beside the repo")
-def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
+def test_paper_spec_with_a_data_grid_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
+    """The paper's DSS arm on a SVAMP subset at two data fractions (the spec's grid and a --grid on top), then
+    dss-report: the paper's number stands beside the run with all of the data only, and the table, the CSV and the
+    accuracy-vs-data plot are written."""
     root = tmp_path / "paper"
     data = write_data_subset(tmp_path / "data", "svamp", 48)  # every split is decoded in full at the end
     env = {**xla_env(1), "DSS_DATA_DIR": str(data), "DSS_TFDS_DIR": os.environ.get("DSS_TFDS_DIR", str(tmp_path / "t"))}
@@ -75,12 +79,14 @@ def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
         f"--root={root}",
         "--only",
         "BENCHMARK=svamp",
-        "--arms=dss,distill",  # the other arms differ only in their gin files (above: every arm expands, every file exists)
+        "--arms=dss",  # the other arms differ only in their gin files (above: every arm expands, every file exists)
+        "--grid",
+        "registry.DataOptions.train_fraction=0.5,1.0",
         "--gin_file=runs/paper_cpu_check.gin",
         "--gin.TRAIN_STEPS=4",
         "--gin.train.train.eval_every=4",
         "--gin.train.train.checkpoint_every=4",
-        "--gin.train.train.report_train_examples=16",
+        "--gin.train.train.report_train_examples=0",  # the table's train row is not compared with the paper
         "--gin.pipeline.SeqioData.max_eval_examples=16",
         "--gin.pipeline.SeqioData.inputs_length=64",
         "--gin.pipeline.SeqioData.targets_length=16",
@@ -88,20 +94,21 @@ def test_paper_spec_runs_on_cpu_and_report_prints_the_paper_column(tmp_path):
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "cache_dataset_ops" not in r.stderr  # TensorFlow's partial-cache warning at subset evaluations
-    assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if p.is_dir()) == [
-        "distill/BENCHMARK=svamp",
-        "dss/BENCHMARK=svamp",
-    ]
-    for arm in ("distill", "dss"):
-        summary = json.loads((root / arm / "BENCHMARK=svamp" / "summary.json").read_text())
+    runs = ["dss/BENCHMARK=svamp,train_fraction=0.5", "dss/BENCHMARK=svamp,train_fraction=1.0"]
+    assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if p.is_dir()) == runs
+    for run in runs:
+        summary = json.loads((root / run / "summary.json").read_text())
         assert summary["splits"]["test"]["examples"] == summary["splits"]["test"]["total"] == 48
 
     r = subprocess.run(
         [sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {row["method"]: row for row in compare_runs.aggregate(compare_runs.collect(root))}
-    assert rows["dss"]["paper_test_accuracy"] == 65.5
-    assert "paper_test_accuracy" not in rows["distill"]  # the paper tabulates no number for it
+    rows = {row["run"]: row for row in compare_runs.collect(root)}
+    assert rows[runs[1]]["paper_test_accuracy"] == 65.5
+    assert "paper_test_accuracy" not in rows[runs[0]]  # the paper's number is for all of the data
     assert "paper_test_accuracy" in r.stdout and "65.50" in r.stdout
+    table = (root / "report" / "results.md").read_text()
+    assert all(f"| {run} | svamp | dss |" in table for run in runs), table
+    assert (root / "report" / "accuracy_vs_data.png").stat().st_size > 1000
+    assert len((root / "report" / "results.csv").read_text().splitlines()) == 3

@@ -1,4 +1,4 @@
-"""dss-plan's AOT TPU compile verdicts, the TPU launcher's dry run, and a sweep turned into a report."""
+"""dss-plan's AOT TPU compile verdicts and the TPU launcher's dry run (dss-sweep and dss-report: test_paper_sweep)."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TOY_GIN, xla_env
+from conftest import REPO
 
 pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
@@ -102,42 +102,6 @@ def test_tpu_launcher_dry_run_prints_every_gcloud_step():
     assert cmds[0].startswith("gcloud compute tpus queued-resources create dss")
     assert sum("--worker=all" in c for c in cmds) == 3
     assert "DSS_AUTO_DISTRIBUTED=1 dss-train --gin_file=runs/dss.gin" in cmds[-1]
-
-
-def test_sweep_then_report(tmp_path, toy_jsonl):
-    root = tmp_path / "sweep"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dss_jax.sweep",
-            f"--gin_file={TOY_GIN}",
-            f"--root={root}",
-            "--grid",
-            "losses.LossConfig.alpha=0.5",  # the toy runs' alpha, so their compiled step is the other tests' one
-            "--grid",
-            "registry.DataOptions.train_fraction=0.5,1.0",
-            f"--gin.USER_TRAIN='{toy_jsonl}'",
-            "--gin.TRAIN_STEPS=4",
-            "--gin.train.train.eval_every=4",
-            "--gin.train.train.checkpoint_every=4",
-            "--gin.train.train.report_train_examples=16",  # the report reads validation; the table's train row is short
-        ],
-        capture_output=True,
-        text=True,
-        env=xla_env(1),
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in root.iterdir()) == ["alpha=0.5,train_fraction=0.5", "alpha=0.5,train_fraction=1.0"]
-    r = subprocess.run(
-        [sys.executable, "-m", "dss_jax.compare_runs", f"--root={root}"], capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    table = (root / "report" / "results.md").read_text()
-    assert "| alpha=0.5,train_fraction=0.5 | toy | dss | gold | 0.50 | 0.50 |" in table
-    assert (root / "report" / "accuracy_vs_data.png").stat().st_size > 1000
-    assert len((root / "report" / "results.csv").read_text().splitlines()) == 3
 
 
 @pytest.mark.parametrize(
