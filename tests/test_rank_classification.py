@@ -73,7 +73,7 @@ def test_candidate_labels_per_benchmark():
 def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
     """A short CQA run with the in-loop option reports rank accuracy per split; dss-eval's flag reproduces the
     validation number from the same checkpoint, and every ranked prediction is one of the input's choices."""
-    data = write_data_subset(tmp_path / "data", "cqa", 100)  # validation (carved from train) and test: 10 and 100
+    data = write_data_subset(tmp_path / "data", "cqa", 48)  # validation (carved from train) and test: 5 and 48
     env = {**xla_env(1), "DSS_DATA_DIR": str(data), "DSS_TFDS_DIR": os.environ.get("DSS_TFDS_DIR", str(tmp_path / "tfds"))}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it: TensorFlow's C++ warnings are not silenced
     model_dir = tmp_path / "cqa"
@@ -87,7 +87,7 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
         "--gin.optim.learning_rate_schedule.warmup_steps=2",
         "--gin.train.train.eval_every=10",
         "--gin.train.train.log_every=5",
-        "--gin.train.train.report_train_examples=64",
+        "--gin.train.train.report_train_examples=16",  # a subset: a partial read of train
         "--gin.pipeline.SeqioData.max_eval_examples=64",
         "--gin.pipeline.SeqioData.rank_classification=True",
         "--gin.pipeline.SeqioData.targets_length=16",  # CQA's labels fit
