@@ -327,7 +327,7 @@ def test_data_iterator_state_is_compressed_and_resumes_exactly(tmp_path):
 
     def make():
         ds = tf.data.Dataset.range(300).map(lambda i: {"x": tf.fill([8], i)})
-        return pipeline.BatchIterator(ds.shuffle(100_000, seed=3, reshuffle_each_iteration=True).repeat().batch(16))
+        return pipeline.BatchIterator(ds.shuffle(20_000, seed=3, reshuffle_each_iteration=True).repeat().batch(16))
 
     it = make()
     for _ in range(25):  # past the first epoch's end
