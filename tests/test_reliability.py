@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import train_cmd, xla_env
+from factories import tiny_t5
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -415,7 +416,7 @@ def test_skip_mode_leaves_the_state_as_it_was_and_flags_the_step():
     overflows; in skip mode step 2's update is dropped, so parameters and optimizer state stay bit for bit."""
     from dss_jax import losses, optim, partitioning, trainer
 
-    cfg = configs.model_config("t5_1_1_tiny", dtype="float32", dropout_rate=0.0, vocab_size=64)
+    cfg = tiny_t5(vocab_size=64)
     tx = optim.make_optimizer(name="adamw", learning_rate=1e30, grad_clip_norm=None)
     mesh_cfg = partitioning.MeshConfig(data=1, fsdp=1, model=1)
     mesh = partitioning.make_mesh(mesh_cfg)
