@@ -31,12 +31,12 @@ quickstart: setup
 # The whole suite (README, .ci/run). Tests that train or run CLIs in subprocesses are marked `slow`. Each worker
 # runs whole files (module fixtures are built once), longest first by tests/durations.json (tests/conftest.py).
 # Three workers on two cores: tests that wait on a subprocess, a server or a lock leave a core idle that the third
-# fills (cold whole suite on 2 cores: 617 s, against 669 s with two workers).
+# fills (the whole suite, cold on a fresh clone on 2 cores: 592 s).
 PYTEST := $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 test: setup lint
 	$(PYTEST) tests
 
-# While working: lint, the format check and every test not marked slow (a few minutes on 2 cores).
+# While working: lint, the format check and every test not marked slow (about 2 minutes cold on 2 cores).
 test-fast: setup lint
 	$(PYTEST) -m "not slow" tests
 
