@@ -61,7 +61,7 @@ def _read_data_spec(model_dir: Path, trust_config_gin: bool) -> dict[str, Any] |
     """The model dir's data spec (JSON); None for a trusted model dir without one (its config.gin is read instead)."""
     fmt_file = model_dir / "inference.json"
     if model_dir.is_file():
-        raise FileNotFoundError(f"{model_dir} is a file, not a model dir (pass the --model_dir a dss-train run wrote)")
+        raise FileNotFoundError(f"{model_dir}: a file, not a model dir (pass the --model_dir a dss-train run wrote)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model dir (pass the --model_dir a dss-train run wrote)")
     spec = json.loads(fmt_file.read_text()).get("data") if fmt_file.exists() else None

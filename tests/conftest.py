@@ -2,6 +2,7 @@
 trained once per test session (tiny model configs: tests/factories.py)."""
 
 import dataclasses
+import functools
 import os
 
 # Tests check what the programs compute, not how fast: LLVM's optimization level 0 cuts XLA:CPU compile time ~45%
@@ -131,13 +132,21 @@ def toy_jsonl(tmp_path_factory):
     return write_toy_jsonl(tmp_path_factory.mktemp("toy") / "toy_train.jsonl")
 
 
-def xla_env(devices: int) -> dict:
-    """The environment for a CLI subprocess with ``devices`` simulated CPU devices."""
-    import os
+@functools.cache
+def launcher(name: str):
+    """``launch/<name>.py`` as a module, loaded once (launch/ holds scripts, not a package)."""
+    import importlib.util
 
-    count = "--xla_force_host_platform_device_count"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]  # the tests' own flags
-    return {**os.environ, "XLA_FLAGS": " ".join([f"{count}={devices}", *flags])}
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def xla_env(devices: int) -> dict:
+    """The environment for a CLI subprocess with ``devices`` simulated CPU devices (the tests' other XLA flags kept,
+    as ``launch/local.py`` keeps them for each process)."""
+    return {**os.environ, "XLA_FLAGS": launcher("local").xla_flags(os.environ.get("XLA_FLAGS", ""), devices)}
 
 
 TOY_GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")

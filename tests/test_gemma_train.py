@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from factories import gemma_stack, tiny_gemma
+from factories import gemma_stack, logits, tiny_gemma
 
 from dss_jax import losses
 
@@ -63,7 +63,6 @@ def test_from_scratch_loss_starts_near_uniform(family):
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     enc, tgt = rng.integers(3, vocab, (4, 16)), rng.integers(3, vocab, (4, 8))
-    forward = jax.jit(lambda p, e, d: model.build(cfg).apply({"params": p}, e, d))  # eager flax: op by op
-    logits = forward(params, enc, model.shift_right(tgt, cfg.decoder_start_token_id))
-    loss = float(np.mean(-np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), tgt[..., None], -1)))
+    out = logits(cfg, params, enc, model.shift_right(tgt, cfg.decoder_start_token_id))
+    loss = float(np.mean(-np.take_along_axis(np.asarray(jax.nn.log_softmax(out)), tgt[..., None], -1)))
     assert loss < 1.5 * np.log(vocab), loss

@@ -83,7 +83,6 @@ def test_scan_and_remat_compute_the_same_function():
     hf = hf_t5(True)
     params, cfg = _convert(hf)
     ids, labels = _inputs()
-
     ref = logits(cfg, params, ids, model.shift_right(labels))
     for policy in ("full", "minimal"):
         cfg2 = cfg.replace(scan_layers=True, remat_policy=policy)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, train_cmd, xla_env
+from conftest import REPO, launcher, train_cmd, xla_env
 
 pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
@@ -77,11 +77,7 @@ def test_two_processes_match_one_process_and_restore_in_one(tmp_path, toy_jsonl)
 
 
 def test_the_launcher_keeps_the_callers_xla_flags_and_sets_each_process_device_count():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("local_launcher", REPO / "launch" / "local.py")
-    local = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(local)
+    local = launcher("local")
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     assert local.xla_flags(flags, 2) == "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
     assert local.xla_flags("", 4) == "--xla_force_host_platform_device_count=4"

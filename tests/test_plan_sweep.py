@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, launcher
 
 pytestmark = pytest.mark.slow  # trains models or runs CLIs in subprocesses
 
@@ -127,11 +127,7 @@ def test_tpu_launcher_picks_the_documented_runtime_per_generation(accel, runtime
 
 def test_tpu_launcher_sdist_installs_into_a_fresh_venv(tmp_path):
     """The sdist the launcher ships, built by its own command, installs with the package, its gin files and CLIs."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tpu_vm", REPO / "launch" / "tpu_vm.py")
-    tpu_vm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tpu_vm)
+    tpu_vm = launcher("tpu_vm")
     dist = tmp_path / "dist"
     r = subprocess.run(tpu_vm.sdist_command(dist), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
