@@ -28,7 +28,7 @@ import gin
 import jax
 import numpy as np
 
-from dss_jax import checkpoints, convert, evaluators, gin_utils, logs, partitioning
+from dss_jax import checkpoints, convert, evaluators, gin_utils, logs, metrics_log, partitioning
 from dss_jax.data_source import DataSource
 from dss_jax.files import saved_steps
 from dss_jax.model import ModelConfig
@@ -143,9 +143,7 @@ def evaluate_step_dir(
     _write_predictions(out_dir / f"{split}_{step}_predictions.jsonl", data, examples, texts, ranked, rationale_texts)
     result = {"step": step, "split": split, "task": data.selection_task, "checkpoint": str(step_dir), **metrics}
     (out_dir / f"{split}_{step}_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    from tensorboardX import SummaryWriter
-
-    with SummaryWriter(str(out_dir / "tb")) as w:
+    with metrics_log.summary_writer_class()(str(out_dir / "tb")) as w:
         for k, v in metrics.items():
             w.add_scalar(f"{split}/{data.selection_task}/{k}", v, step)
     return result

@@ -85,7 +85,7 @@ def truncate_metrics(path: Path, resumed_step: int) -> None:
     atomic_write(path, "".join(keep))
 
 
-def _summary_writer_class() -> type:
+def summary_writer_class() -> type:
     """tensorboardX's SummaryWriter. Its module imports torch where torch is installed, only to accept torch tensors
     (2-4 s per process); dss_jax writes floats, so torch is kept out while it loads unless something imported it."""
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
@@ -106,7 +106,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        SummaryWriter = _summary_writer_class()
+        SummaryWriter = summary_writer_class()
         truncate_metrics(model_dir / "metrics.jsonl", resumed_step)
         self.jsonl = open(model_dir / "metrics.jsonl", "a", encoding="utf-8")
         # purge_step: TensorBoard drops the events the earlier run wrote after the resumed step

@@ -15,7 +15,7 @@ TINY_T5 = dict(
     dropout_rate=0.0,
     dtype="float32",
 )
-# Two layers per stack and 4 heads (as tests/gin/tiny_user.gin): for checks across layers and heads.
+# Two layers per stack and 4 heads: for checks across layers and heads (tests/gin/tiny_user.gin has its width, one layer).
 SMALL_T5 = dict(TINY_T5, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2)
 
 

@@ -116,7 +116,13 @@ def test_training_starts_from_a_pretrained_checkpoint(tmp_path, toy_jsonl):
     from dss_jax import checkpoints, convert
 
     hf = T5ForConditionalGeneration(
-        hf_t5_config(vocab_size=256, relative_attention_num_buckets=32, relative_attention_max_distance=128)
+        hf_t5_config(
+            vocab_size=256,
+            num_layers=1,
+            num_decoder_layers=1,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+        )
     )
     hf.save_pretrained(tmp_path / "hf")
     subprocess.run(

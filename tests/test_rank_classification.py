@@ -84,6 +84,8 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
         "--gin_file=runs/quickstart_cqa.gin",
         f"--model_dir={model_dir}",
         "--gin.TRAIN_STEPS=10",
+        "--gin.model.T5Config.num_encoder_layers=1",  # the run traces and compiles its model: one layer per stack
+        "--gin.model.T5Config.num_decoder_layers=1",
         "--gin.optim.learning_rate_schedule.warmup_steps=2",
         "--gin.train.train.eval_every=10",
         "--gin.train.train.log_every=5",

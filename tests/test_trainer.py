@@ -91,6 +91,7 @@ def test_training_learns_the_toy_task_and_reports_eval(tmp_path, toy_jsonl):
         "learn",
         toy_jsonl,
         "TRAIN_STEPS = 60",
+        "optim.learning_rate_schedule.base_learning_rate = 3e-3",  # as the toy student (conftest) learns
         "train.train.eval_every = 30",
         "train.train.checkpoint_every = 30",
         "train.train.report_train_examples = 50",
