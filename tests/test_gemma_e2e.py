@@ -33,10 +33,11 @@ def _hf_dir(tmp_path, toy) -> tuple:
 
     from dss_jax.tasks import vocab
 
-    enc = dict(
-        text_config=dict(ENC, vocab_size=VOCAB), vision_config=TINY_VISION, mm_tokens_per_image=4, eoi_token_index=VOCAB - 1
-    )
-    cfg = transformers.T5Gemma2Config(encoder=enc, decoder=dict(DEC, vocab_size=VOCAB))
+    # both attention kinds in the encoder, one decoder layer: every CLI below traces and compiles the model
+    text = dict(ENC, vocab_size=VOCAB, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    enc = dict(text_config=text, vision_config=TINY_VISION, mm_tokens_per_image=4, eoi_token_index=VOCAB - 1)
+    dec = dict(DEC, vocab_size=VOCAB, num_hidden_layers=1, layer_types=["sliding_attention"])
+    cfg = transformers.T5Gemma2Config(encoder=enc, decoder=dec)
     torch.manual_seed(0)
     m = transformers.T5Gemma2ForConditionalGeneration(cfg).eval()
     _randomize(m, 0)
