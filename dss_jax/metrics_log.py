@@ -86,8 +86,9 @@ def truncate_metrics(path: Path, resumed_step: int) -> None:
 
 
 def summary_writer_class() -> type:
-    """tensorboardX's SummaryWriter. Its module imports torch where torch is installed, only to accept torch tensors
-    (2-4 s per process); dss_jax writes floats, so torch is kept out while it loads unless something imported it."""
+    """tensorboardX's SummaryWriter. Its module imports torch where torch is installed (seconds per process), only
+    to accept torch tensors; dss_jax writes floats, so torch is kept out while it loads unless something imported it.
+    Every TensorBoard writer of dss_jax comes from here."""
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
         from tensorboardX import SummaryWriter
     else:

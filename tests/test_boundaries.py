@@ -2,8 +2,13 @@
 import without TensorFlow or seqio (the GPU machine has neither; the data layer alone needs them); torch stays out of
 the binaries (tensorboardX would import it)."""
 
+import importlib.util
+import re
 import subprocess
 import sys
+
+import pytest
+from conftest import REPO
 
 CORE = ("model", "attention", "trainer", "decoding", "partitioning", "checkpoints", "convert", "infer", "batching", "evaluators")
 
@@ -23,15 +28,8 @@ def test_core_modules_import_without_tensorflow_or_seqio():
 def test_tensorboard_writers_leave_torch_unimported(tmp_path):
     """tensorboardX imports torch where it is installed (seconds per process): every TensorBoard writer of dss_jax
     comes from ``metrics_log.summary_writer_class``, which keeps torch out."""
-    import importlib.util
-    import re
-
-    import pytest
-
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed: nothing to keep out")
-    from conftest import REPO
-
     direct = [
         p.name for p in (REPO / "dss_jax").rglob("*.py") if re.search(r"^\s*(from|import) tensorboardX", p.read_text(), re.M)
     ]
