@@ -31,7 +31,7 @@ quickstart: setup
 # The whole suite (README, .ci/run). Tests that train or run CLIs in subprocesses are marked `slow`. Each worker
 # runs whole files (module fixtures are built once), longest first by tests/durations.json (tests/conftest.py).
 # Three workers on two cores: tests that wait on a subprocess, a server or a lock leave a core idle that the third
-# fills (the whole suite, cold on a fresh clone on 2 cores: 569 and 584 s on two runs).
+# fills (the whole suite, cold on a fresh clone on 2 cores: 569-586 s over three runs).
 PYTEST := $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 test: setup lint
 	$(PYTEST) tests
