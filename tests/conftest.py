@@ -150,6 +150,9 @@ def xla_env(devices: int) -> dict:
 
 
 TOY_GIN = str(REPO / "tests" / "gin" / "tiny_user.gin")
+# dss-train flags for runs of the package's gin files (2 + 2 layers) whose checks do not span layers: every run
+# traces and compiles its model, so one layer per stack costs less (tiny_user.gin has one already)
+ONE_LAYER_PER_STACK = ("--gin.model.T5Config.num_encoder_layers=1", "--gin.model.T5Config.num_decoder_layers=1")
 
 
 def train_cmd(model_dir, toy, *extra: str) -> list[str]:

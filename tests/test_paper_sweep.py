@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED_DATA, write_data_subset, xla_env
+from conftest import ONE_LAYER_PER_STACK, SHARED_DATA, write_data_subset, xla_env
 
 from dss_jax import compare_runs, sweep
 
@@ -84,8 +84,7 @@ def test_paper_spec_with_a_data_grid_runs_on_cpu_and_report_prints_the_paper_col
         "registry.DataOptions.train_fraction=0.5,1.0",
         "--gin_file=runs/paper_cpu_check.gin",
         "--gin.TRAIN_STEPS=4",
-        "--gin.model.T5Config.num_encoder_layers=1",  # each run traces and compiles its model: one layer per stack
-        "--gin.model.T5Config.num_decoder_layers=1",
+        *ONE_LAYER_PER_STACK,
         "--gin.train.train.eval_every=4",
         "--gin.train.train.checkpoint_every=4",
         "--gin.train.train.report_train_examples=0",  # the table's train row is not compared with the paper

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, foreign_log_lines, write_data_subset, xla_env
+from conftest import ONE_LAYER_PER_STACK, SHARED_DATA, foreign_log_lines, write_data_subset, xla_env
 from factories import tiny_t5
 
 from dss_jax import decoding, evaluators
@@ -84,8 +84,7 @@ def test_rank_classification_in_the_loop_and_in_dss_eval_agree(tmp_path):
         "--gin_file=runs/quickstart_cqa.gin",
         f"--model_dir={model_dir}",
         "--gin.TRAIN_STEPS=10",
-        "--gin.model.T5Config.num_encoder_layers=1",  # the run traces and compiles its model: one layer per stack
-        "--gin.model.T5Config.num_decoder_layers=1",
+        *ONE_LAYER_PER_STACK,
         "--gin.optim.learning_rate_schedule.warmup_steps=2",
         "--gin.train.train.eval_every=10",
         "--gin.train.train.log_every=5",

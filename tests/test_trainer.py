@@ -11,7 +11,8 @@ from factories import tiny_t5
 
 from dss_jax import gin_utils, losses, train
 
-NO_EVAL = ("train.train.eval_every = 0",)  # for tests that compare train losses: no validation pass to compile
+# for tests that compare train losses: no validation pass or end-of-run evaluation to compile
+NO_EVAL = ("train.train.eval_every = 0", "train.train.evaluate_test = False")
 
 
 def _train(tmp_path, name, toy, *bindings):
@@ -28,7 +29,7 @@ def _train(tmp_path, name, toy, *bindings):
 @pytest.mark.slow
 def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl, monkeypatch):
     assert jax.device_count() == 8
-    _, single, _ = _train(tmp_path, "one", toy_jsonl, "train.train.evaluate_test = False", *NO_EVAL)
+    _, single, _ = _train(tmp_path, "one", toy_jsonl, *NO_EVAL)
     captured = {}
     real_jit = train.trainer.jit_train_step
 
@@ -42,7 +43,6 @@ def test_sharded_mesh_matches_single_device_and_shards_state(tmp_path, toy_jsonl
         tmp_path,
         "mesh",
         toy_jsonl,
-        "train.train.evaluate_test = False",
         *NO_EVAL,
         "partitioning.MeshConfig.data = 2",
         "partitioning.MeshConfig.fsdp = 2",
@@ -68,7 +68,6 @@ def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
         toy_jsonl,
         "TRAIN_STEPS = 6",
         "model.T5Config.dropout_rate = 0.0",
-        "train.train.evaluate_test = False",
         *NO_EVAL,
     )
     _, micro, _ = _train(
@@ -78,7 +77,6 @@ def test_microbatching_gives_the_same_losses(tmp_path, toy_jsonl):
         "TRAIN_STEPS = 6",
         "model.T5Config.dropout_rate = 0.0",
         "train.train.microbatches = 4",
-        "train.train.evaluate_test = False",
         *NO_EVAL,
     )
     np.testing.assert_allclose(micro, full, rtol=1e-4)
